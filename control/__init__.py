@@ -1,0 +1,1 @@
+"""Control plane: filled in by the control-plane issue (#4)."""
