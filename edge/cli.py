@@ -1,0 +1,144 @@
+"""`cdn` command line: `cdn edge`, `cdn origin`, `cdn up` (the demo)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edge.config import ConfigError, EdgeConfig, load_config
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _run(main: Coroutine[Any, Any, None], loop_name: str) -> None:
+    if loop_name == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+def _load(path: str) -> EdgeConfig:
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"cdn: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if config.edge.workers != 1:
+        print(
+            f"cdn: {path}: edge.workers: {config.edge.workers} workers are not supported yet; "
+            "set workers = 1",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return config
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _origin_main(host: str, port: int, directory: Path) -> None:
+    from edge.sample_origin import ensure_sample_files, serve_origin
+
+    ensure_sample_files(directory)
+    runner = await serve_origin(host, port, directory)
+    print(f"sample origin on http://{host}:{port}/ serving {directory}", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await runner.cleanup()
+
+
+async def _demo_main(config: EdgeConfig) -> None:
+    from edge.sample_origin import ensure_sample_files, serve_origin
+    from edge.worker import EdgeWorker
+
+    domain = next(iter(config.domains.values()))
+    origin = urlsplit(domain.origins[0])
+    directory = Path(config.edge.state_dir).parent / "origin"
+    print(f"preparing sample files in {directory} ...", flush=True)
+    ensure_sample_files(directory)
+    runner = await serve_origin(origin.hostname or "127.0.0.1", origin.port or 80, directory)
+    worker = EdgeWorker(config)
+    try:
+        await worker.start()
+        host = config.edge.listen[0]
+        edge = f"http://{host}:{worker.port}"
+        admin = f"http://{config.edge.admin_listen[0]}:{worker.admin_port}"
+        name = domain.name
+        print(
+            f"""
+cdn-edge demo is up.
+  sample origin  {domain.origins[0]}
+  edge           {edge}   (serves Host: {name})
+  admin          {admin}/metrics  /healthz  /readyz
+
+Try:
+  curl -sI -H 'Host: {name}' {edge}/img/logo.png          # twice: Cache-Status turns to hit
+  curl -s  -H 'Host: {name}' {edge}/index.html | head -5
+  curl -s  -H 'Host: {name}' -H 'Range: bytes=0-99' {edge}/video/demo.mp4 | wc -c
+  curl -so /dev/null -w '%{{size_download}} bytes\\n' -H 'Host: {name}' {edge}/video/demo.mp4
+  curl -sI -H 'Host: {name}' {edge}/api/time              # no-store: never cached
+  curl -s  {admin}/metrics | grep cdn_edge_requests
+
+Ctrl-C stops it.""",
+            flush=True,
+        )
+        await _wait_for_signal()
+    finally:
+        await worker.stop()
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cdn", description="cdn-edge: edge CDN and control plane")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_edge = sub.add_parser("edge", help="run an edge from a config file")
+    p_edge.add_argument("--config", required=True, help="edge TOML config")
+    p_origin = sub.add_parser("origin", help="run the sample origin (demo and benchmarks)")
+    p_origin.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 8001))
+    p_origin.add_argument("--dir", type=Path, default=Path("var/demo/origin"))
+    p_up = sub.add_parser("up", help="the demo: a sample origin and an edge in front of it")
+    p_up.add_argument("--config", default="configs/demo.toml")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "edge":
+        from edge.worker import serve_until_signal
+
+        _run(serve_until_signal(_load(args.config)), args.loop)
+    elif args.command == "origin":
+        host, port = args.listen
+        _run(_origin_main(host, port, args.dir), args.loop)
+    else:
+        _run(_demo_main(_load(args.config)), args.loop)
+
+
+if __name__ == "__main__":
+    main()

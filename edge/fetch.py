@@ -1,0 +1,113 @@
+"""The origin client (the *miss* and *pass* steps' way out), over aiohttp's ClientSession.
+
+Set up against the traps in LIBRARIES.md: no total timeout (large bodies), no redirects followed,
+no cookie jar (one user's Set-Cookie must never reach another's request), no automatic
+Accept-Encoding or User-Agent, no decompression, and the request-target passed byte for byte
+(`yarl.URL(..., encoded=True)`). Origins of a domain are tried in order on connect failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from edge.config import DomainConfig, OriginSettings
+
+
+class OriginError(Exception):
+    """No usable response from any origin: `status` is what the client gets (502 or 504)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class OriginClient:
+    def __init__(self, settings: OriginSettings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=s.max_connections,
+            limit_per_host=0,
+            ttl_dns_cache=60,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=s.connect_timeout, sock_read=s.idle_read_timeout
+            ),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            read_bufsize=1 << 20,
+            max_line_size=16384,
+            max_field_size=16384,
+            requote_redirect_url=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def open(
+        self,
+        domain: DomainConfig,
+        method: str,
+        target: bytes,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send the request and return once the response head arrived (body unread).
+
+        Tries the domain's origins in order while the connection itself fails; a body that has
+        started to stream cannot be replayed, so a request with a body gets one origin only.
+        """
+        assert self._session is not None, "OriginClient.start() not awaited"
+        path = target.decode("ascii")
+        last: OriginError | None = None
+        retried = False
+        queue = list(domain.origins)
+        while queue:
+            origin = queue.pop(0)
+            url = URL(origin + path, encoded=True)
+            try:
+                async with asyncio.timeout(self._settings.first_byte_timeout):
+                    return await self._session.request(
+                        method,
+                        url,
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                    )
+            except aiohttp.ConnectionTimeoutError:
+                last = OriginError(502, "origin connect timeout")
+            except TimeoutError:
+                # The origin took the request but did not answer in time: another origin might
+                # repeat a side effect, so stop here.
+                raise OriginError(504, "origin timeout") from None
+            except aiohttp.ServerDisconnectedError:
+                # Usually a pooled keep-alive connection the origin had just closed: one retry.
+                last = OriginError(502, "origin closed the connection")
+                if body is None and not retried:
+                    retried = True
+                    queue.insert(0, origin)
+            except aiohttp.ClientConnectorError as e:
+                last = OriginError(502, f"origin unreachable: {e.os_error.strerror or e}")
+            except aiohttp.ClientResponseError as e:
+                raise OriginError(502, f"invalid origin response: {e.message}") from None
+            except aiohttp.ClientError as e:
+                raise OriginError(502, f"origin error: {type(e).__name__}") from None
+            if body is not None:
+                break
+        assert last is not None
+        raise last

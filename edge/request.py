@@ -1,0 +1,708 @@
+"""The edge's request path as an explicit state machine, Varnish-style.
+
+    recv -> route -> admit -> lookup -> {hit | miss | pass | stale} -> deliver -> account
+
+- recv: `edge.server` frames and parses the request (`edge.http1`), refusing malformed ones.
+- route: Host -> domain config (`route`); an unknown host is 404 and never reaches an origin.
+- admit: domain state and access rules (added by the control-plane and access-control issues).
+- lookup: cache key (`edge.cachekey`) + Vary (`edge.store`) + freshness (`edge.policy`).
+- hit: a fresh stored response, written synchronously from prebuilt bytes (`deliver_hit`).
+- miss: one origin fetch per key (`Fill`), streamed to every waiting client (`deliver_fill`).
+- stale: conditional revalidation, stale-while-revalidate, stale-if-error.
+- pass: forwarded as is, never stored (unsafe methods, bypass rules, `pass_to_origin`).
+- deliver: Age, Cache-Status (RFC 9211), Via, conditional requests (304), Range, HEAD.
+- account: every response, refused ones included, is counted (`EdgeStats.account`).
+
+Cache policy lives in `edge.policy` (pure functions); this module only sequences it with I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import replace
+
+import aiohttp
+from cachetools import TTLCache
+from multidict import CIMultiDict
+
+from edge import policy
+from edge.cachekey import cache_key
+from edge.config import CacheRule, DomainConfig, EdgeConfig
+from edge.fetch import OriginClient, OriginError
+from edge.fill import Fill, FillError, FillHead, FillReader
+from edge.metrics import EdgeStats
+from edge.policy import RequestDirectives, ResponseDirectives
+from edge.range import if_range_allows, parse_range
+from edge.server import ClientGone, Exchange, synth_fields
+from edge.store import VIA, CachedObject, MemoryTier, replay_block
+
+log = logging.getLogger("edge.request")
+
+NO_DIRECTIVES = policy.request_directives({})
+HIT_FOR_MISS_SECONDS = 30.0  # how long a key whose response was unshareable skips coalescing
+CONDITIONAL_FIELDS = ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
+# Client fields a cache fill does not forward: the fill fetches the whole current object for
+# everyone; the client's own conditions and ranges are answered from it (RFC 9111 4.3.2).
+FILL_DROPS = frozenset(
+    {"range", "if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since"}
+)
+# Fields replayed in a 304 (RFC 9110 15.4.5).
+NOT_MODIFIED_FIELDS = frozenset(
+    {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
+)
+# Unstorable reasons a rule with respect_origin = false overrides (commercial CDNs' "ignore
+# origin cache headers"); Authorization, Set-Cookie, Vary: * and status rules still hold.
+FORCEABLE = frozenset({"no-store", "private", "no-freshness"})
+
+
+class EdgeProxy:
+    """The request path (`edge.server.Handler`) for one worker."""
+
+    def __init__(
+        self, config: EdgeConfig, store: MemoryTier, origin: OriginClient, stats: EdgeStats
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.origin = origin
+        self.stats = stats
+        self.busy: dict[str, Fill] = {}
+        self.hit_for_miss: TTLCache[str, bool] = TTLCache(maxsize=65536, ttl=HIT_FOR_MISS_SECONDS)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Cancel and await every fill and background revalidation this proxy owns."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # recv (refusals from edge.server) --------------------------------------------------
+    def refused(self, exchange: Exchange | None, peer: str, status: int, reason: str) -> None:
+        self.stats.account("refused", status, 0, 0)
+
+    # route ---------------------------------------------------------------------------
+    def handle(self, ex: Exchange) -> Awaitable[None] | None:
+        head = ex.head
+        domain = self.config.domain_for_host(head.host) if head.host else None
+        if domain is None:
+            self.synth(ex, 404, "unknown host", "refused")
+            return None
+        # admit: domain state and access rules come here (control-plane and access issues).
+        if head.method not in ("GET", "HEAD"):
+            return self.pass_to_origin(ex, domain, "method")
+        return self.lookup(ex, domain)
+
+    # lookup --------------------------------------------------------------------------
+    def lookup(self, ex: Exchange, domain: DomainConfig) -> Awaitable[None] | None:
+        head = ex.head
+        path = head.path
+        rule = domain.rule_for(path) if domain.rules else None
+        if rule is not None and rule.ttl == 0:
+            return self.pass_to_origin(ex, domain, "bypass")
+        fields = head.headers
+        req = (
+            policy.request_directives(fields)
+            if "cache-control" in fields or "pragma" in fields
+            else NO_DIRECTIVES
+        )
+        key = cache_key(domain, path, head.query)
+        obj, why = self.store.lookup(key, fields)
+        if obj is not None:
+            now = time.time()
+            age = obj.age(now)
+            verdict = policy.lookup_freshness(req, obj.directives, age=age, lifetime=obj.lifetime)
+            if verdict == "fresh":
+                self.deliver_hit(ex, obj, age, "hit")
+                return None
+            if verdict == "stale-ok":
+                self.deliver_hit(ex, obj, age, "stale")
+                return None
+            if verdict == "stale-while-revalidate":
+                self.revalidate_in_background(domain, key, rule, ex, obj)
+                self.deliver_hit(ex, obj, age, "stale", detail="stale-while-revalidate")
+                return None
+            if req.only_if_cached:
+                self.synth(ex, 504, "not cached", "miss", detail="only-if-cached")
+                return None
+            fwd = "request" if req.no_cache else "stale"
+            return self.miss(ex, domain, key, rule, req, fwd, stale=obj)
+        if req.only_if_cached:
+            self.synth(ex, 504, "not cached", "miss", detail="only-if-cached")
+            return None
+        if key in self.hit_for_miss:
+            why = "miss"
+        return self.miss(ex, domain, key, rule, req, why, stale=None)
+
+    # hit -----------------------------------------------------------------------------
+    def deliver_hit(
+        self,
+        ex: Exchange,
+        obj: CachedObject,
+        age: float,
+        outcome: str,
+        *,
+        detail: str | None = None,
+        fwd: str | None = None,
+        fwd_status: int | None = None,
+    ) -> None:
+        head = ex.head
+        fields = head.headers
+        age_s = int(age)
+        if outcome == "hit" and detail is None and obj.hit_age == age_s:
+            tail = obj.hit_tail
+        else:
+            status_value = policy.cache_status(
+                hit=fwd is None, fwd=fwd, fwd_status=fwd_status, ttl=int(obj.lifetime - age),
+                detail=detail,
+            )
+            tail = f"Age: {age_s}\r\nCache-Status: {status_value}\r\n".encode()
+            if outcome == "hit" and detail is None:
+                obj.hit_age, obj.hit_tail = age_s, tail
+        if any(name in fields for name in CONDITIONAL_FIELDS):
+            status = policy.evaluate_conditional(head.method, fields, obj.headers)
+            if status is not None:
+                self.send_without_body(ex, status, obj.fields, tail, outcome)
+                return
+        block = obj.out_block + tail
+        if "range" in fields and obj.status == 200:
+            self.deliver_range(ex, obj, block, outcome)
+            return
+        ex.send(obj.status, block, obj.body)
+        self.stats.account(outcome, obj.status, ex.bytes_sent, ex.body_bytes_sent)
+
+    def deliver_range(self, ex: Exchange, obj: CachedObject, block: bytes, outcome: str) -> None:
+        """Single byte range from a stored body (RFC 9110 14); multiple ranges get the whole."""
+        fields = ex.head.headers
+        length = len(obj.body)
+        if_range = fields.get("if-range")
+        ranges = parse_range(fields["range"], length)
+        if ranges is None or (if_range is not None and not if_range_allows(if_range, obj.headers)):
+            ex.send(obj.status, block, obj.body)
+        elif not ranges:
+            body = b"range not satisfiable\n"
+            extra = f"Content-Range: bytes */{length}\r\n"
+            ex.send(416, synth_fields(len(body)) + extra.encode(), body)
+        elif len(ranges) > 1:
+            ex.send(obj.status, block, obj.body)
+        else:
+            start, end = ranges[0]
+            part = obj.body[start:end]
+            block = _with_content_range(block, start, end, length)
+            ex.send(206, block, part)
+        self.stats.account(outcome, ex.status, ex.bytes_sent, ex.body_bytes_sent)
+
+    def send_without_body(
+        self, ex: Exchange, status: int, fields: list[tuple[str, str]], tail: bytes, outcome: str
+    ) -> None:
+        """304 or 412 to a client's conditional request, from stored or fetched fields."""
+        if status == 304:
+            kept = [(n, v) for n, v in fields if n.lower() in NOT_MODIFIED_FIELDS]
+            via = policy.combine_fields(fields).get("via")
+            ex.send(304, replay_block(kept, via, None) + tail, b"")
+        else:
+            body = b"precondition failed\n"
+            ex.send(412, synth_fields(len(body)) + tail, body)
+        self.stats.account(outcome, status, ex.bytes_sent, 0)
+
+    # miss and stale ------------------------------------------------------------------
+    def miss(
+        self,
+        ex: Exchange,
+        domain: DomainConfig,
+        key: str,
+        rule: CacheRule | None,
+        req: RequestDirectives,
+        fwd: str,
+        *,
+        stale: CachedObject | None,
+    ) -> Awaitable[None]:
+        coalesce = fwd != "miss" and not req.no_store
+        fill = self.busy.get(key) if coalesce else None
+        collapsed = fill is not None and fill.can_join()
+        if collapsed:
+            assert fill is not None
+            fill.waiters += 1
+            self.stats.coalesced_waits += 1
+        else:
+            fill = self.start_fill(
+                domain, key, rule, ex, stale=stale, register=coalesce, store=not req.no_store
+            )
+        return self.deliver_fill(ex, domain, key, rule, req, fwd, fill, collapsed, stale)
+
+    def start_fill(
+        self,
+        domain: DomainConfig,
+        key: str,
+        rule: CacheRule | None,
+        ex: Exchange,
+        *,
+        stale: CachedObject | None,
+        register: bool,
+        store: bool,
+    ) -> Fill:
+        fill = Fill(key, ex.head.headers)
+        if register:
+            self.busy[key] = fill
+        headers = self.forward_headers(domain, ex, for_fill=True)
+        if stale is not None:
+            for name, value in policy.validation_headers(stale.headers).items():
+                headers[name] = value
+        task = asyncio.create_task(
+            self.run_fill(fill, domain, key, rule, ex.head.target, headers, ex.head.headers,
+                          stale, store)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    def revalidate_in_background(
+        self, domain: DomainConfig, key: str, rule: CacheRule | None, ex: Exchange,
+        obj: CachedObject,
+    ) -> None:
+        """RFC 5861 3: one background revalidation per key while stale responses are served."""
+        if key in self.busy:
+            return
+        self.start_fill(domain, key, rule, ex, stale=obj, register=True, store=True)
+
+    async def run_fill(
+        self,
+        fill: Fill,
+        domain: DomainConfig,
+        key: str,
+        rule: CacheRule | None,
+        target: bytes,
+        headers: CIMultiDict[str],
+        request_fields: policy.Headers,
+        stale: CachedObject | None,
+        store: bool,
+    ) -> None:
+        """Fetch `target` from origin into `fill`, and store it when it may be stored."""
+        request_time = time.time()
+        self.stats.origin_fetches += 1
+        try:
+            resp = await self.origin.open(domain, "GET", target, headers)
+        except OriginError as e:
+            self._origin_failed(domain, target, e.reason, "connect")
+            self._release(key, fill)
+            fill.fail(e)
+            return
+        try:
+            await self._fill_body(
+                fill, domain, key, rule, resp, request_fields, stale, store, request_time
+            )
+        except (aiohttp.ClientError, TimeoutError, FillError) as e:
+            self._origin_failed(domain, target, f"body: {type(e).__name__}: {e}", "body")
+            fill.fail(FillError(f"origin body failed: {type(e).__name__}"))
+        finally:
+            resp.close()
+            self._release(key, fill)
+
+    async def _fill_body(
+        self,
+        fill: Fill,
+        domain: DomainConfig,
+        key: str,
+        rule: CacheRule | None,
+        resp: aiohttp.ClientResponse,
+        request_fields: policy.Headers,
+        stale: CachedObject | None,
+        store: bool,
+        request_time: float,
+    ) -> None:
+        response_time = time.time()
+        fields = policy.strip_hop_by_hop(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in resp.raw_headers
+        )
+        headers = policy.combine_fields(fields)
+        status = resp.status
+        if stale is not None and status == 304:
+            merged = policy.merge_not_modified(stale.fields, fields)
+            obj = self._stored_object(
+                key, stale.status, merged, stale.body, rule, request_fields, request_time,
+                response_time,
+            )
+            if obj is not None:
+                self.store.put(obj)
+            fill.set_head(
+                FillHead(status, fields, headers, 0, True, True, None, 0.0, response_time, (),
+                         revalidated=obj or stale)
+            )
+            fill.finish()
+            return
+        reason = self._unstorable(status, request_fields, headers, rule) if store else "request"
+        content_length = resp.content_length
+        max_object = self.config.cache.max_object
+        if reason is None and content_length is not None and content_length > max_object:
+            reason = "too-big"
+        shareable = reason is None or reason == "too-big"
+        if not shareable:
+            self._release(key, fill)
+            if reason not in ("request", "authorization"):
+                self.hit_for_miss[key] = True
+        if reason is not None:
+            self.stats.not_stored[reason] += 1
+            fill.stop_retaining()
+        initial_age = policy.initial_age(
+            headers, request_time=request_time, response_time=response_time
+        )
+        lifetime = self._lifetime(status, headers, rule, response_time) if reason is None else 0
+        fill.set_head(
+            FillHead(
+                status=status,
+                fields=fields,
+                headers=headers,
+                content_length=content_length,
+                shareable=shareable,
+                stored=reason is None,
+                ttl=int(lifetime - initial_age) if reason is None else None,
+                initial_age=initial_age,
+                response_time=response_time,
+                vary_names=policy.vary_names(headers),
+            )
+        )
+        async for chunk in resp.content.iter_any():
+            fill.append(chunk)
+            self.stats.origin_bytes += len(chunk)
+            if fill.retain and fill.size > max_object:
+                fill.stop_retaining()
+                self.stats.not_stored["too-big"] += 1
+                reason = "too-big"
+            if not fill.retain:
+                if not fill.has_readers:
+                    fill.fail(FillError("no client left for an unstored response"))
+                    return
+                await fill.wait_for_space()
+        if content_length is not None and fill.size != content_length:
+            raise FillError(f"origin sent {fill.size} of {content_length} bytes")
+        if reason is None:
+            obj = self._stored_object(
+                key, status, fields, fill.body(), rule, request_fields, request_time,
+                response_time,
+            )
+            if obj is not None and self.store.put(obj):
+                self.stats.stored_objects += 1
+        fill.finish()
+
+    def _unstorable(
+        self, status: int, request_fields: policy.Headers, headers: policy.Headers,
+        rule: CacheRule | None,
+    ) -> str | None:
+        if status >= 500:
+            return "status"  # origin errors are never stored as content
+        rd = policy.response_directives(headers)
+        reason = policy.unstorable_reason("GET", status, request_fields, headers, rd)
+        if reason is None or rule is None or rule.ttl is None:
+            return reason
+        if status not in policy.HEURISTICALLY_CACHEABLE:
+            return reason
+        if reason == "no-freshness" or (not rule.respect_origin and reason in FORCEABLE):
+            return None
+        return reason
+
+    def _lifetime(
+        self, status: int, headers: policy.Headers, rule: CacheRule | None, response_time: float
+    ) -> float:
+        rd = policy.response_directives(headers)
+        origin = policy.freshness_lifetime(status, headers, rd, response_time=response_time)
+        if rule is None or rule.ttl is None:
+            return origin
+        if not rule.respect_origin or not _has_explicit_freshness(rd, headers):
+            return float(rule.ttl)
+        return origin
+
+    def _stored_object(
+        self,
+        key: str,
+        status: int,
+        fields: list[tuple[str, str]],
+        body: bytes,
+        rule: CacheRule | None,
+        request_fields: policy.Headers,
+        request_time: float,
+        response_time: float,
+    ) -> CachedObject | None:
+        headers = policy.combine_fields(fields)
+        names = policy.vary_names(headers)
+        if names is None:
+            return None
+        rd = policy.response_directives(headers)
+        if rule is not None and rule.ttl is not None and not rule.respect_origin:
+            rd = _forced(rd)
+        return CachedObject(
+            key=key,
+            vary_names=names,
+            vary_values=policy.vary_values(names, request_fields) if names else (),
+            status=status,
+            fields=fields,
+            headers=headers,
+            body=body,
+            directives=rd,
+            lifetime=self._lifetime(status, headers, rule, response_time),
+            request_time=request_time,
+            response_time=response_time,
+            initial_age=policy.initial_age(
+                headers, request_time=request_time, response_time=response_time
+            ),
+        )
+
+    def _release(self, key: str, fill: Fill) -> None:
+        if self.busy.get(key) is fill:
+            del self.busy[key]
+
+    # deliver from a fill --------------------------------------------------------------
+    async def deliver_fill(
+        self,
+        ex: Exchange,
+        domain: DomainConfig,
+        key: str,
+        rule: CacheRule | None,
+        req: RequestDirectives,
+        fwd: str,
+        fill: Fill,
+        collapsed: bool,
+        stale: CachedObject | None,
+    ) -> None:
+        reader = fill.reader()
+        try:
+            try:
+                fhead = await fill.head
+            except OriginError as e:
+                if stale is not None and self._stale_if_error(req, stale):
+                    self.deliver_hit(ex, stale, stale.age(time.time()), "stale",
+                                     fwd="stale", detail="stale-if-error")
+                else:
+                    self.synth(ex, e.status, e.reason, "error", fwd=fwd)
+                return
+            if fhead.revalidated is not None:
+                obj = fhead.revalidated
+                self.deliver_hit(ex, obj, obj.age(time.time()), "revalidated",
+                                 fwd="stale", fwd_status=304)
+                return
+            if collapsed and not self._may_share(fhead, fill, ex):
+                reader.close()
+                await self.miss(ex, domain, key, rule, req, "miss", stale=stale)
+                return
+            if fhead.status >= 500 and stale is not None and self._stale_if_error(req, stale):
+                self.deliver_hit(ex, stale, stale.age(time.time()), "stale", fwd="stale",
+                                 fwd_status=fhead.status, detail="stale-if-error")
+                return
+            await self._stream_fill(ex, fhead, reader, fwd, collapsed)
+        except FillError:
+            ex.abort()
+            self.stats.account("error", ex.status or 502, ex.bytes_sent, ex.body_bytes_sent)
+        except ClientGone:
+            ex.abort()
+            self.stats.account(fwd, ex.status, ex.bytes_sent, ex.body_bytes_sent)
+        finally:
+            reader.close()
+
+    def _may_share(self, fhead: FillHead, fill: Fill, ex: Exchange) -> bool:
+        if not fhead.shareable:
+            return False
+        names = fhead.vary_names
+        if names is None:
+            return False
+        if not names:
+            return True
+        return policy.vary_values(names, ex.head.headers) == policy.vary_values(
+            names, fill.request_fields
+        )
+
+    def _stale_if_error(self, req: RequestDirectives, stale: CachedObject) -> bool:
+        age = stale.age(time.time())
+        return policy.may_serve_stale_if_error(
+            req, stale.directives, age=age, lifetime=stale.lifetime
+        )
+
+    async def _stream_fill(
+        self, ex: Exchange, fhead: FillHead, reader: FillReader, fwd: str, collapsed: bool
+    ) -> None:
+        fields = ex.head.headers
+        status = fhead.status
+        age = int(policy.current_age(fhead.initial_age, fhead.response_time, time.time()))
+        status_value = policy.cache_status(
+            fwd=fwd, fwd_status=status, stored=fhead.stored, ttl=fhead.ttl, collapsed=collapsed
+        )
+        length = fhead.content_length
+        tail = f"Cache-Status: {status_value}\r\n"
+        if age > 0:
+            tail = f"Age: {age}\r\n" + tail
+        outcome = fwd
+        if status == 200 and any(name in fields for name in CONDITIONAL_FIELDS):
+            cond = policy.evaluate_conditional(ex.method, fields, fhead.headers)
+            if cond is not None:
+                self.send_without_body(ex, cond, fhead.fields, tail.encode(), outcome)
+                return
+        if status == 200 and length is not None and "range" in fields:
+            ranges = parse_range(fields["range"], length)
+            if_range = fields.get("if-range")
+            if ranges is not None and if_range is not None and not if_range_allows(
+                if_range, fhead.headers
+            ):
+                ranges = None
+            if ranges == []:
+                body = b"range not satisfiable\n"
+                extra = f"Content-Range: bytes */{length}\r\n{tail}"
+                ex.send(416, synth_fields(len(body)) + extra.encode(), body)
+                self.stats.account(outcome, 416, ex.bytes_sent, ex.body_bytes_sent)
+                return
+            if ranges is not None and len(ranges) == 1:
+                start, end = ranges[0]
+                block = replay_block(fhead.fields, fhead.headers.get("via"), length)
+                block = _with_content_range(block + tail.encode(), start, end, length)
+                reader.seek(start, end)
+                await self._stream(ex, 206, block, end - start, reader, outcome)
+                return
+        block = replay_block(fhead.fields, fhead.headers.get("via"), length)
+        await self._stream(ex, status, block + tail.encode(), length, reader, outcome)
+
+    async def _stream(
+        self, ex: Exchange, status: int, block: bytes, length: int | None, reader: FillReader,
+        outcome: str,
+    ) -> None:
+        ex.start(status, block, length)
+        if not ex.no_body and status not in (204, 304):
+            async for piece in reader:
+                await ex.write(piece)
+        ex.finish()
+        self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+
+    # pass ----------------------------------------------------------------------------
+    async def pass_to_origin(self, ex: Exchange, domain: DomainConfig, fwd: str) -> None:
+        """Forward the request with its body; stream the answer back; store nothing."""
+        head = ex.head
+        headers = self.forward_headers(domain, ex, for_fill=False)
+        body = ex.body() if ex.has_body else None
+        self.stats.origin_fetches += 1
+        try:
+            resp = await self.origin.open(domain, head.method, head.target, headers, body)
+        except OriginError as e:
+            self._origin_failed(domain, head.target, e.reason, "connect")
+            self.synth(ex, e.status, e.reason, "error", fwd=fwd)
+            return
+        try:
+            fields = policy.strip_hop_by_hop(
+                (n.decode("latin-1"), v.decode("latin-1")) for n, v in resp.raw_headers
+            )
+            if policy.invalidates(head.method, resp.status):
+                self.invalidate(domain, head.target, fields)
+            status_value = policy.cache_status(fwd=fwd, fwd_status=resp.status)
+            via = policy.combine_fields(fields).get("via")
+            length = resp.content_length if head.method != "HEAD" else None
+            block = replay_block(fields, via, length)
+            if head.method == "HEAD":
+                # The origin's Content-Length describes the GET body: pass it on unchanged.
+                block += "".join(
+                    f"Content-Length: {v}\r\n" for n, v in fields if n.lower() == "content-length"
+                ).encode("latin-1")
+            ex.start(resp.status, block + f"Cache-Status: {status_value}\r\n".encode(), length)
+            if not ex.no_body:
+                received = 0
+                async for chunk in resp.content.iter_any():
+                    received += len(chunk)
+                    await ex.write(chunk)
+                self.stats.origin_bytes += received
+                if length is not None and received != length:
+                    raise FillError(f"origin sent {received} of {length} bytes")
+            ex.finish()
+            self.stats.account(fwd, resp.status, ex.bytes_sent, ex.body_bytes_sent)
+        except (aiohttp.ClientError, TimeoutError, FillError) as e:
+            self._origin_failed(domain, head.target, f"body: {type(e).__name__}: {e}", "body")
+            if ex.headers_sent:
+                ex.abort()
+            else:
+                self.synth(ex, 502, "invalid origin response", "error", fwd=fwd)
+        finally:
+            resp.close()
+
+    def invalidate(self, domain: DomainConfig, target: bytes, fields: list[tuple[str, str]]) -> None:
+        """RFC 9111 4.4: the target URI, and same-host Location / Content-Location."""
+        path, _, query = target.decode("ascii").partition("?")
+        self.store.remove(cache_key(domain, path, query))
+        for name, value in fields:
+            if name.lower() in ("location", "content-location"):
+                same_host = _same_host_path(value, domain.name)
+                if same_host is not None:
+                    p, _, q = same_host.partition("?")
+                    self.store.remove(cache_key(domain, p, q))
+
+    # helpers -------------------------------------------------------------------------
+    def forward_headers(self, domain: DomainConfig, ex: Exchange, *, for_fill: bool) -> CIMultiDict[str]:
+        head = ex.head
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in policy.strip_hop_by_hop(head.fields):
+            lname = name.lower()
+            if lname in ("host", "x-forwarded-for", "via") or (for_fill and lname in FILL_DROPS):
+                continue
+            out.add(name, value)
+        out["Host"] = domain.origin_host or head.host
+        xff = head.headers.get("x-forwarded-for")
+        out["X-Forwarded-For"] = f"{xff}, {ex.peer}" if xff else ex.peer
+        via = head.headers.get("via")
+        out["Via"] = f"{via}, {VIA}" if via else VIA
+        return out
+
+    def synth(
+        self,
+        ex: Exchange,
+        status: int,
+        reason: str,
+        outcome: str,
+        *,
+        fwd: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """A response the edge makes itself: short plain-text body, never stored."""
+        body = (reason + "\n").encode()
+        status_value = policy.cache_status(fwd=fwd, detail=detail)
+        block = synth_fields(len(body)) + f"Cache-Status: {status_value}\r\n".encode()
+        ex.send(status, block, body)
+        self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+
+    def _origin_failed(self, domain: DomainConfig, target: bytes, reason: str, kind: str) -> None:
+        self.stats.origin_errors[kind] += 1
+        log.warning("origin failure for %s%s: %s", domain.name, target.decode("ascii"), reason)
+
+
+def _with_content_range(block: bytes, start: int, end: int, length: int) -> bytes:
+    block = block.replace(
+        f"Content-Length: {length}\r\n".encode(), f"Content-Length: {end - start}\r\n".encode()
+    )
+    return block + f"Content-Range: bytes {start}-{end - 1}/{length}\r\n".encode()
+
+
+def _has_explicit_freshness(rd: ResponseDirectives, headers: policy.Headers) -> bool:
+    return (
+        rd.s_maxage is not None
+        or rd.max_age is not None
+        or "expires" in headers
+        or rd.no_cache
+        or rd.no_store
+        or rd.private
+    )
+
+
+def _forced(rd: ResponseDirectives) -> ResponseDirectives:
+    """Directives as a respect_origin = false rule sees them: the rule's TTL decides."""
+    return replace(
+        rd, no_cache=False, no_store=False, private=False, must_revalidate=False,
+        proxy_revalidate=False, s_maxage=None, max_age=None,
+    )
+
+
+def _same_host_path(url: str, host: str) -> str | None:
+    """The path?query of `url` when it is relative or names `host`, else None."""
+    if url.startswith("/") and not url.startswith("//"):
+        return url
+    for scheme in ("http://", "https://"):
+        if url.lower().startswith(scheme):
+            authority, slash, rest = url[len(scheme):].partition("/")
+            if authority.lower().split(":")[0] == host:
+                return "/" + rest if slash else "/"
+    return None

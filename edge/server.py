@@ -1,0 +1,545 @@
+"""The data path's HTTP/1.1 server: an `asyncio.Protocol` per connection.
+
+Why not aiohttp's web server: a cache hit must cost a parse, a lookup and a write, and aiohttp
+builds a request and a response object per request (LIBRARIES.md: ~2x the CPU per hit). Here a
+handler answers a hit synchronously with prebuilt bytes (`Exchange.send`), and only misses and
+passes become tasks.
+
+Handles keep-alive, pipelining (requests are answered strictly in order, one at a time),
+chunked and Content-Length request bodies, `Expect: 100-continue`, HTTP/1.0 and flow control
+in both directions. Timeouts are enforced by one sweeper task per server, not a timer per
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import formatdate
+from typing import Protocol, cast
+
+from edge.http1 import BadRequest, ChunkedDecoder, RequestHead, find_head_end, parse_head
+
+log = logging.getLogger("edge.server")
+
+REASONS = {
+    100: "Continue", 200: "OK", 203: "Non-Authoritative Information", 204: "No Content",
+    206: "Partial Content", 300: "Multiple Choices", 301: "Moved Permanently", 302: "Found",
+    303: "See Other", 304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 410: "Gone", 411: "Length Required",
+    412: "Precondition Failed", 413: "Content Too Large", 414: "URI Too Long",
+    416: "Range Not Satisfiable", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 451: "Unavailable For Legal Reasons",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+BODY_HIGH_WATER = 1 << 20  # pause reading a request body past this much unread data
+
+
+class ClientGone(Exception):
+    """The client connection closed while we were still answering."""
+
+
+class Handler(Protocol):
+    def handle(self, exchange: Exchange) -> Awaitable[None] | None:
+        """Answer one request: synchronously (return None, response finished) or as a coroutine."""
+
+    def refused(self, exchange: Exchange | None, peer: str, status: int, reason: str) -> None:
+        """Account for a request refused before routing (malformed, too large)."""
+
+
+class _Clock:
+    """Wall time and the Date header, refreshed once a second by the sweeper."""
+
+    def __init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.now = time.time()
+        self.date = formatdate(self.now, usegmt=True)
+
+
+CLOCK = _Clock()
+
+
+def status_line(version: int, status: int) -> bytes:
+    reason = REASONS.get(status, "Unknown")
+    return f"HTTP/1.{version % 10} {status} {reason}\r\n".encode("latin-1")
+
+
+def encode_fields(fields: list[tuple[str, str]]) -> bytes:
+    return "".join(f"{name}: {value}\r\n" for name, value in fields).encode("latin-1")
+
+
+class _BodyReader:
+    """Request body bytes handed from the protocol to the handler, with flow control."""
+
+    __slots__ = ("_chunks", "_conn", "_decoder", "_remaining", "_waiter", "buffered", "done")
+
+    def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
+        self._conn = conn
+        self._chunks: list[bytes] = []
+        self._decoder = ChunkedDecoder() if head.chunked else None
+        self._remaining = head.content_length
+        self._waiter: asyncio.Future[None] | None = None
+        self.buffered = 0
+        self.done = not head.chunked and head.content_length == 0
+
+    def feed(self, data: bytes) -> bytes:
+        """Take body bytes from `data`; return what belongs to the next request."""
+        if self._decoder is not None:
+            pieces, rest = self._decoder.feed(data)
+            self.done = self._decoder.done
+        else:
+            take = min(self._remaining, len(data))
+            pieces, rest = [data[:take]], data[take:]
+            self._remaining -= take
+            self.done = self._remaining == 0
+        for piece in pieces:
+            if piece:
+                self._chunks.append(piece)
+                self.buffered += len(piece)
+        self._wake()
+        return rest
+
+    def fail(self) -> None:
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._chunks:
+                chunk = self._chunks.pop(0)
+                self.buffered -= len(chunk)
+                self._conn.body_consumed(self)
+                yield chunk
+                continue
+            if self.done:
+                return
+            if self._conn.closed:
+                raise ClientGone("client closed during request body")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+
+
+class Exchange:
+    """One request and its response on a connection."""
+
+    __slots__ = (
+        "_body",
+        "_chunked",
+        "_conn",
+        "_continue_sent",
+        "body_bytes_sent",
+        "bytes_sent",
+        "finished",
+        "head",
+        "headers_sent",
+        "keep_alive",
+        "method",
+        "no_body",
+        "started",
+        "status",
+    )
+
+    def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
+        self._conn = conn
+        self.head = head
+        self.method = head.method
+        self.keep_alive = head.keep_alive
+        self.no_body = head.method == "HEAD"
+        self.started = time.monotonic()
+        self.status = 0
+        self.headers_sent = False
+        self.finished = False
+        self.bytes_sent = 0
+        self.body_bytes_sent = 0
+        self._chunked = False
+        self._continue_sent = False
+        self._body = _BodyReader(conn, head) if (head.chunked or head.content_length) else None
+
+    @property
+    def peer(self) -> str:
+        return self._conn.peer
+
+    @property
+    def has_body(self) -> bool:
+        return self._body is not None
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The request body as it arrives; sends 100 Continue first when the client asked."""
+        if self._body is None:
+            return
+        if self.head.expect_continue and not self._continue_sent and not self.headers_sent:
+            self._continue_sent = True
+            self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        async for chunk in self._body:
+            yield chunk
+
+    def _connection_field(self) -> bytes:
+        if not self.keep_alive or self._conn.closing:
+            self.keep_alive = False
+            return b"Connection: close\r\n"
+        if self.head.version == 10:
+            return b"Connection: keep-alive\r\n"
+        return b""
+
+    def send(self, status: int, head_block: bytes, body: bytes) -> None:
+        """Send a whole response: status line + `head_block` (field lines) + body, then finish.
+
+        `head_block` must carry Content-Length; for HEAD the body is not sent.
+        """
+        self.status = status
+        self.headers_sent = True
+        head = status_line(self.head.version, status) + head_block + self._connection_field()
+        head += b"\r\n"
+        if self.no_body or not body:
+            self._conn.write(head)
+        else:
+            # One buffer: a single send() for small bodies; large ones are streamed elsewhere.
+            self._conn.write(head + body)
+            self.body_bytes_sent = len(body)
+        self.bytes_sent = len(head) + self.body_bytes_sent
+        self.finish()
+
+    def start(self, status: int, head_block: bytes, content_length: int | None) -> None:
+        """Send the response head; the body follows with `write` and ends with `finish`."""
+        self.status = status
+        self.headers_sent = True
+        extra = b""
+        if content_length is None and not self.no_body and status not in (204, 304):
+            if self.head.version == 11:
+                self._chunked = True
+                extra = b"Transfer-Encoding: chunked\r\n"
+            else:
+                self.keep_alive = False  # close-delimited body for HTTP/1.0
+        head = status_line(self.head.version, status) + head_block + extra
+        head += self._connection_field() + b"\r\n"
+        self.bytes_sent += len(head)
+        self._conn.write(head)
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self.no_body or not data:
+            return
+        if self._conn.closed:
+            raise ClientGone("client closed")
+        n = len(data)
+        if self._chunked:
+            frame = f"{n:x}\r\n".encode()
+            self._conn.write(frame)
+            self._conn.write(data)
+            self._conn.write(b"\r\n")
+            self.bytes_sent += len(frame) + 2
+        else:
+            self._conn.write(data)
+        self.bytes_sent += n
+        self.body_bytes_sent += n
+        await self._conn.drain()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        if self._chunked and not self._conn.closed:
+            self._conn.write(b"0\r\n\r\n")
+            self.bytes_sent += 5
+        self.finished = True
+        if self._body is not None and not self._body.done:
+            # Unread request body: the connection cannot be reused safely.
+            self.keep_alive = False
+
+    def abort(self) -> None:
+        """Close the connection: the response cannot be completed (an origin died mid-body)."""
+        self.finished = True
+        self.keep_alive = False
+        self._conn.abort()
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_drain",
+        "_exchange",
+        "_paused",
+        "_reading_paused",
+        "_server",
+        "_task",
+        "_transport",
+        "closed",
+        "closing",
+        "head_started",
+        "last_activity",
+        "peer",
+    )
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buf = b""
+        self._exchange: Exchange | None = None
+        self._body: _BodyReader | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._paused = False
+        self._reading_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self.closed = False
+        self.closing = False
+        self.peer = ""
+        self.last_activity = CLOCK.now
+        self.head_started = 0.0
+
+    # asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._server.connections.discard(self)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ClientGone("client closed"))
+            self._drain.exception()  # mark retrieved: nobody may be waiting any more
+        if self._body is not None:
+            self._body.fail()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = CLOCK.now
+        if self._body is not None and not self._body.done:
+            data = self._body.feed(data)
+            if self._body.buffered > BODY_HIGH_WATER and not self._reading_paused:
+                self._reading_paused = True
+                self._transport.pause_reading()  # type: ignore[union-attr]
+            if not data:
+                return
+        if not self._buf:
+            self.head_started = CLOCK.now
+        self._buf = self._buf + data if self._buf else data
+        if self._exchange is None:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client still gets the answers to requests it already sent.
+        if self._exchange is None and not self._buf:
+            return False
+        self.closing = True
+        return True
+
+    # request loop ----------------------------------------------------------------------
+    def _process(self) -> None:
+        server = self._server
+        while self._exchange is None and self._buf and not self.closed:
+            buf = self._buf
+            end = find_head_end(buf)
+            if end < 0:
+                if len(buf) > server.max_header_bytes:
+                    self._refuse(431, "request header fields too large")
+                return
+            if end > server.max_header_bytes:
+                self._refuse(431, "request header fields too large")
+                return
+            try:
+                head = parse_head(buf[:end])
+            except BadRequest as e:
+                self._refuse(e.status, e.reason)
+                return
+            self._buf = buf[end:]
+            if self._buf:
+                self.head_started = CLOCK.now
+            exchange = Exchange(self, head)
+            self._exchange = exchange
+            body = exchange._body
+            self._body = body
+            if body is not None and self._buf:
+                rest = body.feed(self._buf)
+                self._buf = rest
+            try:
+                pending = server.handler.handle(exchange)
+            except Exception:
+                log.exception("handler failed for %s %r", head.method, head.target)
+                self._internal_error(exchange)
+                pending = None
+            if pending is not None:
+                self._task = asyncio.ensure_future(self._run(exchange, pending))
+                return
+            self._exchange_done(exchange)
+
+    async def _run(self, exchange: Exchange, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except ClientGone:
+            exchange.abort()
+        except asyncio.CancelledError:
+            exchange.abort()
+            raise
+        except Exception:
+            log.exception("handler failed for %s %r", exchange.method, exchange.head.target)
+            self._internal_error(exchange)
+        finally:
+            self._task = None
+        if not exchange.finished:
+            exchange.abort()
+        self._exchange_done(exchange)
+        if self._exchange is None and self._buf and not self.closed:
+            self._process()
+
+    def _internal_error(self, exchange: Exchange) -> None:
+        if exchange.headers_sent:
+            exchange.abort()
+            return
+        exchange.keep_alive = False
+        body = b"internal error\n"
+        exchange.send(500, synth_fields(len(body)), body)
+
+    def _exchange_done(self, exchange: Exchange) -> None:
+        self._exchange = None
+        self._body = None
+        if self._reading_paused and not self.closed:
+            self._reading_paused = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+        if not exchange.keep_alive or self.closing:
+            self.close()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self._server.handler.refused(None, self.peer, status, reason)
+        body = (reason + "\n").encode()
+        head = status_line(11, status) + synth_fields(len(body)) + b"Connection: close\r\n\r\n"
+        self.write(head + body)
+        self.close()
+
+    def body_consumed(self, body: _BodyReader) -> None:
+        if self._reading_paused and body.buffered < BODY_HIGH_WATER // 2 and not self.closed:
+            self._reading_paused = False
+            self._transport.resume_reading()  # type: ignore[union-attr]
+
+    # output ----------------------------------------------------------------------------
+    def write(self, data: bytes | memoryview) -> None:
+        if not self.closed:
+            self._transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ClientGone("client closed")
+        if not self._paused:
+            return
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_future()
+        await self._drain
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    def close(self) -> None:
+        if not self.closed and self._transport is not None:
+            self.closed = True
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.abort()
+        self.closed = True
+
+    # sweeper hooks ---------------------------------------------------------------------
+    def idle_check(self, now: float, keepalive: float, head_timeout: float) -> None:
+        if self._exchange is None:
+            if self._buf and now - self.head_started > head_timeout:
+                self._refuse(408, "request head timeout")
+            elif not self._buf and now - self.last_activity > keepalive:
+                self.close()
+        elif (
+            self._body is not None
+            and not self._body.done
+            and now - self.last_activity > head_timeout
+        ):
+            self.abort()  # a stalled upload
+
+    def shutdown(self) -> None:
+        """Close after the response in progress; close now when idle."""
+        self.closing = True
+        if self._exchange is None:
+            self.close()
+
+
+def synth_fields(content_length: int, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    """Field lines of a response the edge makes itself (errors, refusals)."""
+    return (
+        f"Date: {CLOCK.date}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {content_length}\r\nCache-Control: no-store\r\n"
+    ).encode("latin-1")
+
+
+class HttpServer:
+    """Owns the listening socket, the connections and the sweeper task."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_header_bytes: int = 16384,
+        keepalive_timeout: float = 75.0,
+        head_timeout: float = 30.0,
+    ) -> None:
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.keepalive_timeout = keepalive_timeout
+        self.head_timeout = head_timeout
+        self.connections: set[HttpConnection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], HttpConnection] = lambda: HttpConnection(self)  # noqa: E731
+        self._server = await loop.create_server(factory, sock=sock, backlog=4096)
+        self._sweeper = asyncio.create_task(self._sweep(), name="edge-sweeper")
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            CLOCK.refresh()
+            now = CLOCK.now
+            for conn in list(self.connections):
+                conn.idle_check(now, self.keepalive_timeout, self.head_timeout)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let in-flight responses finish for up to `grace` s, then cut."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._server is not None:
+            await self._server.wait_closed()
