@@ -1,0 +1,701 @@
+"""Load and validate the edge's TOML configuration.
+
+Every problem is reported as a `ConfigError` naming the file, the offending key and what is wrong
+with it, on one line. Unknown keys are errors everywhere, so a typo never silently becomes a
+default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+from urllib.parse import urlsplit
+
+__all__ = [
+    "CacheRule",
+    "CacheSettings",
+    "ConfigError",
+    "DomainConfig",
+    "EdgeConfig",
+    "EdgeSettings",
+    "OriginSettings",
+    "QueryPolicy",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. `str()` is one line: ``"{source}: {key}: {problem}"``."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(source, key, problem)
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        # The CLI prints this as its single line of output, so no part may break the line.
+        return " ".join(f"{self.source}: {self.key}: {self.problem}".splitlines())
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRule:
+    """One `[[domains.rules]]` entry: which paths it covers and how long they are cached."""
+
+    kind: Literal["suffix", "prefix", "path"]
+    # suffix: lowercase, starting with "."; prefix and path: starting with "/".
+    values: tuple[str, ...]
+    # Seconds; 0 means "do not cache". None: the rule sets no lifetime of its own.
+    ttl: int | None
+    # True: the origin's Cache-Control wins whenever it says anything, `ttl` only fills in when the
+    # origin gives no freshness. False: `ttl` overrides the origin's freshness.
+    respect_origin: bool = True
+
+    def matches(self, path: str) -> bool:
+        """Whether `path` (a request path, already normalised by the caller) falls under this rule.
+
+        A query string, if present, is ignored. Suffixes compare case-insensitively; prefixes and
+        whole paths compare exactly, as URL paths are case-sensitive.
+        """
+        path = path.partition("?")[0]
+        if self.kind == "suffix":
+            return path.lower().endswith(self.values)
+        if self.kind == "prefix":
+            return path.startswith(self.values)
+        return path in self.values
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPolicy:
+    """Which query parameters take part in the cache key."""
+
+    mode: Literal["keep_all", "ignore_all", "keep", "drop"] = "keep_all"
+    # The parameters `keep` keeps or `drop` drops; empty for the other modes.
+    params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DomainConfig:
+    """One `[[domains]]` entry: a hostname the edge serves and where it fetches from."""
+
+    name: str  # lowercase DNS name, no trailing dot
+    origins: tuple[str, ...]  # "scheme://host[:port]", no trailing "/"
+    origin_host: str | None = None  # Host header sent to the origin; None: the client's Host
+    rules: tuple[CacheRule, ...] = ()  # first match wins
+    query: QueryPolicy = QueryPolicy()
+
+    def rule_for(self, path: str) -> CacheRule | None:
+        """The first rule matching `path`, or None."""
+        for rule in self.rules:
+            if rule.matches(path):
+                return rule
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class OriginSettings:
+    """`[origin]`: how the edge talks to origins. Timeouts are in seconds."""
+
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 30.0
+    idle_read_timeout: float = 30.0
+    max_connections: int = 512  # for the whole pool; per host it is unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """`[cache]`: sizes in bytes."""
+
+    memory: int = 256 * 2**20
+    # Objects bigger than this pass through unstored (until a disk tier exists); <= memory.
+    max_object: int = 16 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeSettings:
+    """`[edge]`: the edge process itself."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 8080)  # host without brackets; port 0 = any free port
+    admin_listen: tuple[str, int] = ("127.0.0.1", 9080)
+    workers: int = 1
+    # As written in the file; a relative path is relative to the current directory at startup,
+    # not to the config file.
+    state_dir: str = "var/edge"
+    max_header_bytes: int = 16384  # a request head larger than this is answered with 431
+    keepalive_timeout: float = 75.0
+    edge_id: str = socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    """A whole, validated config file."""
+
+    source: str  # the file it came from
+    edge: EdgeSettings
+    cache: CacheSettings
+    origin: OriginSettings
+    domains: Mapping[str, DomainConfig]  # by lowercase name; read-only
+
+    def domain_for_host(self, host: str) -> DomainConfig | None:
+        """The domain a `Host` header value names, or None.
+
+        Drops the port (including after a bracketed IPv6 literal), lowercases and strips one
+        trailing dot, so "Demo.CDN.test.:8080" finds "demo.cdn.test".
+        """
+        if host.startswith("["):
+            name = host[1 : host.find("]")] if "]" in host else host
+        elif host.count(":") == 1:
+            name = host.partition(":")[0]
+        else:  # no port, or a bare IPv6 literal, which no domain can be named anyway
+            name = host
+        return self.domains.get(_strip_one_dot(name.lower()))
+
+
+def load_config(path: str | os.PathLike[str]) -> EdgeConfig:
+    """Read and validate the config at `path`; a missing or unreadable file is a ConfigError."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ConfigError(source, "(file)", exc.strerror or str(exc)) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "(file)", f"not UTF-8 text: {exc}") from exc
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str) -> EdgeConfig:
+    """Validate TOML `text`; `source` names it in errors and in `EdgeConfig.source`."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(toml)", str(exc)) from exc
+    try:
+        return _parse_document(document, source)
+    except _Invalid as exc:
+        raise ConfigError(source, exc.key, exc.problem) from None
+
+
+_BINARY_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_SIZE = re.compile(r"([0-9]+) ?(B|KiB|MiB|GiB)")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"([0-9]+) ?([smhd])")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int, or from a string such as "512KiB" or "256 MiB" (binary units only).
+
+    Raises ValueError with a readable message.
+    """
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a size: use a whole number of bytes, or one with a B, KiB, MiB "
+                "or GiB suffix such as '256MiB' (decimal KB/MB/GB are not accepted)"
+            )
+        return int(match[1]) * _BINARY_UNITS[match[2]]
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{value} is not a size: it is negative")
+        return value
+    raise ValueError(
+        f"{value!r} is not a size: expected an integer or a string such as '256MiB', "
+        f"got {_type_name(value)}"
+    )
+
+
+def parse_duration(value: object) -> int:
+    """Seconds from an int, or from a string such as "30s", "5m", "2h" or "7d".
+
+    Raises ValueError with a readable message.
+    """
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a duration: use whole seconds, or a whole number with an s, m, "
+                "h or d suffix such as '30s' or '7d'"
+            )
+        return int(match[1]) * _DURATION_UNITS[match[2]]
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{value} is not a duration: it is negative")
+        return value
+    raise ValueError(
+        f"{value!r} is not a duration: expected an integer or a string such as '5m', "
+        f"got {_type_name(value)}"
+    )
+
+
+# --- validation internals ---------------------------------------------------------------------
+
+_TOP_KEYS = ("edge", "cache", "origin", "domains")
+_EDGE_KEYS = (
+    "listen",
+    "admin_listen",
+    "workers",
+    "state_dir",
+    "max_header_bytes",
+    "keepalive_timeout",
+    "edge_id",
+)
+_CACHE_KEYS = ("memory", "max_object")
+_ORIGIN_KEYS = ("connect_timeout", "first_byte_timeout", "idle_read_timeout", "max_connections")
+_DOMAIN_KEYS = ("name", "origins", "origin_host", "rules", "query")
+_RULE_KINDS: tuple[Literal["suffix", "prefix", "path"], ...] = ("suffix", "prefix", "path")
+_RULE_KEYS = (*_RULE_KINDS, "ttl", "respect_origin")
+_QUERY_KEYS = ("mode", "params")
+_QUERY_MODES: tuple[Literal["keep_all", "ignore_all", "keep", "drop"], ...] = (
+    "keep_all",
+    "ignore_all",
+    "keep",
+    "drop",
+)
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
+_PORT = re.compile(r"[0-9]{1,5}")
+_EDGE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class _Invalid(Exception):
+    """Raised inside the parser; `parse_config` adds the file name to make a ConfigError."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(key, problem)
+        self.key = key
+        self.problem = problem
+
+
+def _parse_document(document: dict[str, object], source: str) -> EdgeConfig:
+    _check_keys(document, "", _TOP_KEYS)
+    edge = _parse_edge(_table(document, "edge", ""))
+    cache = _parse_cache(_table(document, "cache", ""))
+    origin = _parse_origin(_table(document, "origin", ""))
+
+    entries = document.get("domains", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise _Invalid(
+            "domains", f"expected an array of tables ([[domains]]), got {_type_name(entries)}"
+        )
+    if not entries:
+        raise _Invalid("domains", "at least one [[domains]] entry is required")
+    domains: dict[str, DomainConfig] = {}
+    first_index: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        domain = _parse_domain(entry, f"domains[{index}]")
+        if domain.name in domains:
+            raise _Invalid(
+                f"domains[{index}].name",
+                f"{domain.name!r} is already defined by domains[{first_index[domain.name]}]",
+            )
+        domains[domain.name] = domain
+        first_index[domain.name] = index
+    return EdgeConfig(
+        source=source,
+        edge=edge,
+        cache=cache,
+        origin=origin,
+        domains=MappingProxyType(domains),
+    )
+
+
+def _parse_edge(table: dict[str, object]) -> EdgeSettings:
+    _check_keys(table, "edge", _EDGE_KEYS)
+    defaults = EdgeSettings()
+    listen = _listen_address(table, "listen", "edge", defaults.listen)
+    admin_listen = _listen_address(table, "admin_listen", "edge", defaults.admin_listen)
+    # Port 0 picks a free port, so only a fixed port can collide.
+    if admin_listen == listen and listen[1] != 0:
+        raise _Invalid("edge.admin_listen", "must differ from edge.listen")
+    edge_id = _string(table, "edge_id", "edge", defaults.edge_id)
+    if "edge_id" in table and not _EDGE_ID.fullmatch(edge_id):
+        raise _Invalid(
+            "edge.edge_id", f"{edge_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
+        )
+    state_dir = _string(table, "state_dir", "edge", defaults.state_dir)
+    if not state_dir:
+        raise _Invalid("edge.state_dir", "must not be empty")
+    return EdgeSettings(
+        listen=listen,
+        admin_listen=admin_listen,
+        workers=_integer(table, "workers", "edge", defaults.workers, minimum=1),
+        state_dir=state_dir,
+        max_header_bytes=_size(table, "max_header_bytes", "edge", defaults.max_header_bytes),
+        keepalive_timeout=_seconds(table, "keepalive_timeout", "edge", defaults.keepalive_timeout),
+        edge_id=edge_id,
+    )
+
+
+def _parse_cache(table: dict[str, object]) -> CacheSettings:
+    _check_keys(table, "cache", _CACHE_KEYS)
+    defaults = CacheSettings()
+    memory = _size(table, "memory", "cache", defaults.memory)
+    max_object = _size(table, "max_object", "cache", defaults.max_object)
+    if max_object > memory:
+        raise _Invalid(
+            "cache.max_object",
+            f"{max_object} bytes is more than cache.memory ({memory} bytes)",
+        )
+    return CacheSettings(memory=memory, max_object=max_object)
+
+
+def _parse_origin(table: dict[str, object]) -> OriginSettings:
+    _check_keys(table, "origin", _ORIGIN_KEYS)
+    defaults = OriginSettings()
+    return OriginSettings(
+        connect_timeout=_seconds(table, "connect_timeout", "origin", defaults.connect_timeout),
+        first_byte_timeout=_seconds(
+            table, "first_byte_timeout", "origin", defaults.first_byte_timeout
+        ),
+        idle_read_timeout=_seconds(
+            table, "idle_read_timeout", "origin", defaults.idle_read_timeout
+        ),
+        max_connections=_integer(
+            table, "max_connections", "origin", defaults.max_connections, minimum=1
+        ),
+    )
+
+
+def _parse_domain(table: dict[str, object], prefix: str) -> DomainConfig:
+    _check_keys(table, prefix, _DOMAIN_KEYS)
+    if "name" not in table:
+        raise _Invalid(f"{prefix}.name", "is required")
+    raw_name = _string(table, "name", prefix, "")
+    name = _strip_one_dot(raw_name.lower())
+    problem = _dns_name_problem(name)
+    if problem:
+        raise _Invalid(f"{prefix}.name", f"{raw_name!r} is not a valid domain name: {problem}")
+
+    if "origins" not in table:
+        raise _Invalid(f"{prefix}.origins", "is required")
+    raw_origins = _string_list(table, "origins", prefix)
+    if not raw_origins:
+        raise _Invalid(f"{prefix}.origins", "at least one origin is required")
+    origins = tuple(
+        _origin_url(url, f"{prefix}.origins[{index}]") for index, url in enumerate(raw_origins)
+    )
+
+    origin_host = None
+    if "origin_host" in table:
+        origin_host = _origin_host(_string(table, "origin_host", prefix, ""), prefix)
+
+    raw_rules = table.get("rules", [])
+    if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
+        raise _Invalid(
+            f"{prefix}.rules",
+            f"expected an array of tables ([[domains.rules]]), got {_type_name(raw_rules)}",
+        )
+    rules = tuple(
+        _parse_rule(rule, f"{prefix}.rules[{index}]") for index, rule in enumerate(raw_rules)
+    )
+
+    query = QueryPolicy()
+    if "query" in table:
+        query = _parse_query(_table(table, "query", prefix), f"{prefix}.query")
+
+    return DomainConfig(
+        name=name, origins=origins, origin_host=origin_host, rules=rules, query=query
+    )
+
+
+def _parse_rule(table: dict[str, object], prefix: str) -> CacheRule:
+    _check_keys(table, prefix, _RULE_KEYS)
+    kinds = [kind for kind in _RULE_KINDS if kind in table]
+    if len(kinds) != 1:
+        found = f"got {', '.join(kinds)}" if kinds else "got none"
+        raise _Invalid(prefix, f"needs exactly one of suffix, prefix, path ({found})")
+    kind = kinds[0]
+    raw_values = _string_list(table, kind, prefix)
+    if not raw_values:
+        raise _Invalid(f"{prefix}.{kind}", "must list at least one value")
+    values = tuple(
+        _rule_value(kind, value, f"{prefix}.{kind}[{index}]")
+        for index, value in enumerate(raw_values)
+    )
+
+    ttl = None
+    if "ttl" in table:
+        try:
+            ttl = parse_duration(table["ttl"])
+        except ValueError as exc:
+            raise _Invalid(f"{prefix}.ttl", str(exc)) from None
+    respect_origin = _boolean(table, "respect_origin", prefix, True)
+    if not respect_origin and ttl is None:
+        raise _Invalid(
+            f"{prefix}.respect_origin", "false needs a ttl to override the origin's freshness with"
+        )
+    return CacheRule(kind=kind, values=values, ttl=ttl, respect_origin=respect_origin)
+
+
+def _rule_value(kind: str, value: str, key: str) -> str:
+    if kind == "suffix":
+        if len(value) < 2 or not value.startswith(".") or "/" in value:
+            raise _Invalid(key, f"{value!r} is not a suffix: it must look like '.jpg'")
+        return value.lower()
+    if not value.startswith("/"):
+        raise _Invalid(key, f"{value!r} must start with '/'")
+    # Rules see the path without its query, so such a value could never match.
+    if "?" in value or "#" in value:
+        raise _Invalid(key, f"{value!r} must not contain '?' or '#'")
+    return value
+
+
+def _parse_query(table: dict[str, object], prefix: str) -> QueryPolicy:
+    _check_keys(table, prefix, _QUERY_KEYS)
+    raw_mode = _string(table, "mode", prefix, "keep_all")
+    mode = next((m for m in _QUERY_MODES if m == raw_mode), None)
+    if mode is None:
+        raise _Invalid(f"{prefix}.mode", f"{raw_mode!r} is not one of {', '.join(_QUERY_MODES)}")
+    params = tuple(_string_list(table, "params", prefix)) if "params" in table else ()
+    if mode in ("keep", "drop"):
+        if not params:
+            raise _Invalid(f"{prefix}.params", f"mode {mode!r} needs a non-empty params list")
+    elif "params" in table:
+        raise _Invalid(f"{prefix}.params", f"not allowed with mode {mode!r}")
+    for index, param in enumerate(params):
+        if not param or "&" in param or "=" in param:
+            raise _Invalid(f"{prefix}.params[{index}]", f"{param!r} is not a query parameter name")
+    return QueryPolicy(mode=mode, params=params)
+
+
+def _origin_url(url: str, key: str) -> str:
+    """`url` normalised to "scheme://host[:port]", or _Invalid saying what is wrong."""
+    # urlsplit silently drops some whitespace and treats "?" / "#" as empty parts: check first.
+    if any(c.isspace() for c in url) or "?" in url or "#" in url:
+        raise _Invalid(key, f"{url!r} must not contain whitespace, a query or a fragment")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[" around an IPv6 address
+        raise _Invalid(key, f"{url!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not url.lower().startswith(parts.scheme + "://"):
+        raise _Invalid(key, f"{url!r} is not an http:// or https:// URL")
+    if parts.path not in ("", "/"):
+        raise _Invalid(key, f"{url!r} must not have a path")
+    if "@" in parts.netloc:
+        raise _Invalid(key, f"{url!r} must not contain credentials")
+    try:
+        port = parts.port
+    except ValueError:
+        raise _Invalid(key, f"{url!r} has an invalid port") from None
+    if port == 0:
+        raise _Invalid(key, f"{url!r} has an invalid port")
+    host = parts.hostname or ""
+    problem = _host_problem(host, bracketed=parts.netloc.startswith("["))
+    if problem:
+        raise _Invalid(key, f"{url!r} has an invalid host: {problem}")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return f"{parts.scheme}://{netloc}"
+
+
+def _origin_host(value: str, prefix: str) -> str:
+    """A Host header value: a host name or IP literal, with an optional port, lowercased."""
+    if "/" in value:
+        raise _Invalid(
+            f"{prefix}.origin_host", f"{value!r} must be a host with an optional port, not a URL"
+        )
+    try:
+        _, port = _split_host_port(value, port_required=False)
+    except ValueError as exc:
+        raise _Invalid(f"{prefix}.origin_host", f"{value!r} {exc}") from None
+    if port == 0:
+        raise _Invalid(f"{prefix}.origin_host", f"{value!r} has an invalid port")
+    return value.lower()
+
+
+def _listen_address(
+    table: dict[str, object], name: str, prefix: str, default: tuple[str, int]
+) -> tuple[str, int]:
+    if name not in table:
+        return default
+    value = _string(table, name, prefix, "")
+    try:
+        host, port = _split_host_port(value, port_required=True)
+    except ValueError as exc:
+        raise _Invalid(f"{prefix}.{name}", f"{value!r} {exc}") from None
+    assert port is not None  # port_required
+    return host, port
+
+
+def _split_host_port(value: str, *, port_required: bool) -> tuple[str, int | None]:
+    """Split "host:port" / "[v6]:port" (the port optional unless `port_required`).
+
+    Raises ValueError with a message meant to follow the quoted value.
+    """
+    hint = "is not host:port (use [addr]:port for IPv6)"
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(hint)
+        port_text = rest[1:] if rest else None
+    elif value.count(":") > 1:
+        raise ValueError(hint)
+    elif ":" in value:
+        host, _, port_text = value.partition(":")
+    else:
+        host, port_text = value, None
+    if port_text is None and port_required:
+        raise ValueError(hint)
+    problem = _host_problem(host.lower(), bracketed=value.startswith("["))
+    if problem:
+        raise ValueError(f"has an invalid host: {problem}")
+    if port_text is None:
+        return host.lower(), None
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError("has an invalid port: it must be 0-65535")
+    return host.lower(), int(port_text)
+
+
+def _host_problem(host: str, *, bracketed: bool) -> str:
+    """Why `host` (lowercase, brackets removed) is not a host name or IP literal; "" if it is."""
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+        return ""
+    if _DOTTED_NUMBERS.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv4 address"
+        return ""
+    return _dns_name_problem(host)
+
+
+def _dns_name_problem(name: str) -> str:
+    """Why lowercase `name` is not a DNS name; "" if it is."""
+    if not name:
+        return "it is empty"
+    if len(name) > 253:
+        return "it is longer than 253 characters"
+    for label in name.split("."):
+        if not _DNS_LABEL.fullmatch(label):
+            return (
+                f"label {label!r} must be 1-63 characters of a-z, 0-9 and '-', "
+                "not starting or ending with '-'"
+            )
+    return ""
+
+
+def _strip_one_dot(name: str) -> str:
+    return name[:-1] if name.endswith(".") else name
+
+
+# --- typed access to TOML tables ---------------------------------------------------------------
+
+
+def _check_keys(table: Mapping[str, object], prefix: str, allowed: tuple[str, ...]) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = (
+                f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(allowed)}"
+            )
+            raise _Invalid(_join(prefix, key), f"unknown key ({hint})")
+
+
+def _join(prefix: str, key: str) -> str:
+    # Quote keys the way TOML would need them, so odd characters cannot break the one-line error.
+    shown = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return f"{prefix}.{shown}" if prefix else shown
+
+
+def _table(table: Mapping[str, object], name: str, prefix: str) -> dict[str, object]:
+    value = table.get(name, {})
+    if not isinstance(value, dict):
+        raise _Invalid(_join(prefix, name), f"expected a table, got {_type_name(value)}")
+    return value
+
+
+def _string(table: Mapping[str, object], name: str, prefix: str, default: str) -> str:
+    value = table.get(name, default)
+    if not isinstance(value, str):
+        raise _Invalid(_join(prefix, name), f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _string_list(table: Mapping[str, object], name: str, prefix: str) -> list[str]:
+    value = table.get(name)
+    if not isinstance(value, list):
+        raise _Invalid(
+            _join(prefix, name), f"expected an array of strings, got {_type_name(value)}"
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _Invalid(
+                f"{_join(prefix, name)}[{index}]", f"expected a string, got {_type_name(item)}"
+            )
+    return value
+
+
+def _boolean(table: Mapping[str, object], name: str, prefix: str, default: bool) -> bool:
+    value = table.get(name, default)
+    if not isinstance(value, bool):
+        raise _Invalid(_join(prefix, name), f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def _integer(
+    table: Mapping[str, object], name: str, prefix: str, default: int, *, minimum: int
+) -> int:
+    value = table.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(_join(prefix, name), f"expected an integer, got {_type_name(value)}")
+    if value < minimum:
+        raise _Invalid(_join(prefix, name), f"{value} is less than {minimum}")
+    return value
+
+
+def _seconds(table: Mapping[str, object], name: str, prefix: str, default: float) -> float:
+    """A positive, finite number of seconds (int or float)."""
+    value = table.get(name, default)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _Invalid(
+            _join(prefix, name), f"expected seconds as a number, got {_type_name(value)}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise _Invalid(_join(prefix, name), f"{value} is not a positive number of seconds")
+    return float(value)
+
+
+def _size(table: Mapping[str, object], name: str, prefix: str, default: int) -> int:
+    """A positive size in bytes."""
+    if name not in table:
+        return default
+    try:
+        size = parse_size(table[name])
+    except ValueError as exc:
+        raise _Invalid(_join(prefix, name), str(exc)) from None
+    if size == 0:
+        raise _Invalid(_join(prefix, name), "must be more than 0 bytes")
+    return size
+
+
+def _type_name(value: object) -> str:
+    """The TOML name of `value`'s type, with the value when short, for error messages."""
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
+    name = names.get(type(value), "table" if isinstance(value, dict) else "date/time")
+    if isinstance(value, dict | list):
+        return name
+    shown = json.dumps(value) if isinstance(value, str) else repr(value)
+    return f"{name} {shown}" if len(shown) <= 40 else name
