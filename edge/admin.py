@@ -11,7 +11,8 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-READY_KEY = web.AppKey("ready", Callable[[], bool])
+ReadyCheck = Callable[[], bool]
+READY_KEY: web.AppKey[ReadyCheck] = web.AppKey("ready")
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 
 

@@ -73,9 +73,8 @@ class EdgeWorker:
         await self._admin.setup()
         site = web.TCPSite(self._admin, admin_host, admin_port, reuse_address=True)
         await site.start()
-        server = site._server
-        if server is not None and server.sockets:
-            self.admin_port = server.sockets[0].getsockname()[1]
+        # Port 0 means "any free port" (tests): read back what was bound.
+        self.admin_port = self._admin.addresses[0][1]
         self._ready = True
         log.info(
             "edge serving on %s:%d, admin on %s:%d", host, self.port, admin_host, self.admin_port
