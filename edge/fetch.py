@@ -17,14 +17,22 @@ from yarl import URL
 
 from edge.config import DomainConfig, OriginSettings
 
+# RFC 9110 9.2.2; aiohttp itself retries these once when a connection drops unanswered.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
 
 class OriginError(Exception):
-    """No usable response from any origin: `status` is what the client gets (502 or 504)."""
+    """No usable response from any origin: `status` is what the client gets (502 or 504).
 
-    def __init__(self, status: int, reason: str) -> None:
+    `reason` is the short, fixed text the client sees; `detail` (origin bytes, OS errors) is
+    for the log only.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.detail = f"{reason}: {detail}" if detail else reason
 
 
 class OriginClient:
@@ -71,17 +79,19 @@ class OriginClient:
 
         Tries the domain's origins in order while the connection itself fails; a body that has
         started to stream cannot be replayed, so a request with a body gets one origin only.
+        A connection closed without an answer is retried by aiohttp itself for idempotent
+        methods; after that, only an idempotent request moves on to the next origin.
         """
         assert self._session is not None, "OriginClient.start() not awaited"
         path = target.decode("ascii")
         last: OriginError | None = None
-        retried = False
-        queue = list(domain.origins)
-        while queue:
-            origin = queue.pop(0)
+        # The first-byte clock would also run while a request body uploads, however long it
+        # takes; with a body, the idle read timeout (sock_read) bounds the wait instead.
+        first_byte = self._settings.first_byte_timeout if body is None else None
+        for origin in domain.origins:
             url = URL(origin + path, encoded=True)
             try:
-                async with asyncio.timeout(self._settings.first_byte_timeout):
+                async with asyncio.timeout(first_byte):
                     return await self._session.request(
                         method,
                         url,
@@ -90,23 +100,26 @@ class OriginClient:
                         allow_redirects=False,
                     )
             except aiohttp.ConnectionTimeoutError:
-                last = OriginError(502, "origin connect timeout")
+                last = OriginError(502, "origin connect timeout", origin)
             except TimeoutError:
                 # The origin took the request but did not answer in time: another origin might
                 # repeat a side effect, so stop here.
-                raise OriginError(504, "origin timeout") from None
+                raise OriginError(504, "origin timeout", origin) from None
             except aiohttp.ServerDisconnectedError:
-                # Usually a pooled keep-alive connection the origin had just closed: one retry.
-                last = OriginError(502, "origin closed the connection")
-                if body is None and not retried:
-                    retried = True
-                    queue.insert(0, origin)
+                last = OriginError(502, "origin closed the connection", origin)
+                if method not in IDEMPOTENT:
+                    break
             except aiohttp.ClientConnectorError as e:
-                last = OriginError(502, f"origin unreachable: {e.os_error.strerror or e}")
+                last = OriginError(
+                    502, "origin unreachable", f"{origin}: {e.os_error.strerror or e}"
+                )
             except aiohttp.ClientResponseError as e:
-                raise OriginError(502, f"invalid origin response: {e.message}") from None
+                raise OriginError(
+                    502, "invalid origin response", f"{origin}: {e.message!r}"
+                ) from None
             except aiohttp.ClientError as e:
-                raise OriginError(502, f"origin error: {type(e).__name__}") from None
+                detail = f"{origin}: {type(e).__name__}: {e}"
+                raise OriginError(502, "origin error", detail) from None
             if body is not None:
                 break
         assert last is not None

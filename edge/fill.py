@@ -110,6 +110,9 @@ class Fill:
         return self.error is None and self._base == 0
 
     def reader(self) -> FillReader:
+        """A cursor from byte 0; only while `can_join()` (nothing trimmed yet)."""
+        if self._base:
+            raise FillError("fill no longer holds its first bytes")
         r = FillReader(self)
         self._readers.add(r)
         return r

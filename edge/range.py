@@ -11,10 +11,11 @@ def parse_range(value: str, length: int) -> list[ByteRange] | None:
     """Satisfiable ranges of a `Range` field for a body of `length` bytes. RFC 9110 14.1.2, 14.2.
 
     None means "ignore the field and send the whole body" (not a bytes range, or malformed:
-    14.2 lets a server ignore it); an empty list means unsatisfiable (416).
+    14.2 lets a server ignore it); an empty list means unsatisfiable (416). An empty body is
+    always sent whole: no Content-Range can describe a part of it.
     """
     unit, eq, spec = value.partition("=")
-    if not eq or unit.strip().lower() != "bytes":
+    if not eq or unit.strip().lower() != "bytes" or length == 0:
         return None
     ranges: list[ByteRange] = []
     for part in spec.split(","):
@@ -24,7 +25,7 @@ def parse_range(value: str, length: int) -> list[ByteRange] | None:
             return None
         first, last = first.strip(), last.strip()
         if first:
-            if not first.isdigit() or (last and not last.isdigit()):
+            if not _digits(first) or (last and not _digits(last)):
                 return None
             start = int(first)
             end = int(last) + 1 if last else length
@@ -34,13 +35,18 @@ def parse_range(value: str, length: int) -> list[ByteRange] | None:
                 continue
             ranges.append((start, min(end, length)))
         else:
-            if not last.isdigit():
+            if not _digits(last):
                 return None
             suffix = int(last)
             if suffix == 0:
                 continue
             ranges.append((max(0, length - suffix), length))
     return ranges
+
+
+def _digits(text: str) -> bool:
+    # isdigit() alone accepts "²" (a latin-1 byte a client can send), which int() refuses
+    return text.isascii() and text.isdigit()
 
 
 def if_range_allows(if_range: str, stored: Headers) -> bool:

@@ -130,7 +130,9 @@ class EdgeProxy:
             if req.only_if_cached:
                 self.synth(ex, 504, "not cached", "miss", detail="only-if-cached")
                 return None
-            fwd = "request" if req.no_cache else "stale"
+            # RFC 9211 2.2: "request" when only the request's directives refused it.
+            usable = age < obj.lifetime and not obj.directives.no_cache
+            fwd = "request" if req.no_cache or usable else "stale"
             return self.miss(ex, domain, key, rule, req, fwd, stale=obj)
         if req.only_if_cached:
             self.synth(ex, 504, "not cached", "miss", detail="only-if-cached")
@@ -158,27 +160,28 @@ class EdgeProxy:
             tail = obj.hit_tail
         else:
             status_value = policy.cache_status(
-                hit=fwd is None, fwd=fwd, fwd_status=fwd_status, ttl=int(obj.lifetime - age),
+                hit=fwd is None, fwd=fwd, fwd_status=fwd_status, ttl=int(obj.lifetime) - age_s,
                 detail=detail,
             )
             tail = f"Age: {age_s}\r\nCache-Status: {status_value}\r\n".encode()
             if outcome == "hit" and detail is None:
                 obj.hit_age, obj.hit_tail = age_s, tail
-        if any(name in fields for name in CONDITIONAL_FIELDS):
+        if 200 <= obj.status < 300 and any(name in fields for name in CONDITIONAL_FIELDS):
             status = policy.evaluate_conditional(head.method, fields, obj.headers)
             if status is not None:
                 self.send_without_body(ex, status, obj.fields, tail, outcome)
                 return
-        block = obj.out_block + tail
         if "range" in fields and obj.status == 200:
-            self.deliver_range(ex, obj, block, outcome)
+            self.deliver_range(ex, obj, tail, outcome)
             return
+        block = obj.out_block + tail
         ex.send(obj.status, block, obj.body)
         self.stats.account(outcome, obj.status, ex.bytes_sent, ex.body_bytes_sent)
 
-    def deliver_range(self, ex: Exchange, obj: CachedObject, block: bytes, outcome: str) -> None:
+    def deliver_range(self, ex: Exchange, obj: CachedObject, tail: bytes, outcome: str) -> None:
         """Single byte range from a stored body (RFC 9110 14); multiple ranges get the whole."""
         fields = ex.head.headers
+        block = obj.out_block + tail
         length = len(obj.body)
         if_range = fields.get("if-range")
         ranges = parse_range(fields["range"], length)
@@ -186,8 +189,8 @@ class EdgeProxy:
             ex.send(obj.status, block, obj.body)
         elif not ranges:
             body = b"range not satisfiable\n"
-            extra = f"Content-Range: bytes */{length}\r\n"
-            ex.send(416, synth_fields(len(body)) + extra.encode(), body)
+            extra = f"Content-Range: bytes */{length}\r\n".encode()
+            ex.send(416, synth_fields(len(body)) + extra + tail, body)
         elif len(ranges) > 1:
             ex.send(obj.status, block, obj.body)
         else:
@@ -285,23 +288,27 @@ class EdgeProxy:
         """Fetch `target` from origin into `fill`, and store it when it may be stored."""
         request_time = time.time()
         self.stats.origin_fetches += 1
+        resp: aiohttp.ClientResponse | None = None
         try:
             resp = await self.origin.open(domain, "GET", target, headers)
-        except OriginError as e:
-            self._origin_failed(domain, target, e.reason, "connect")
-            self._release(key, fill)
-            fill.fail(e)
-            return
-        try:
             await self._fill_body(
                 fill, domain, key, rule, resp, request_fields, stale, store, request_time
             )
+        except OriginError as e:
+            self._origin_failed(domain, target, e.detail, "connect")
+            fill.fail(e)
         except (aiohttp.ClientError, TimeoutError, FillError) as e:
             self._origin_failed(domain, target, f"body: {type(e).__name__}: {e}", "body")
             fill.fail(FillError(f"origin body failed: {type(e).__name__}"))
+        except Exception:
+            log.exception("fill failed for %s%s", domain.name, target.decode("ascii"))
+            fill.fail(FillError("internal error"))
         finally:
-            resp.close()
+            if resp is not None:
+                resp.close()
             self._release(key, fill)
+            if not fill.done:  # cancelled: waiters must not wait forever
+                fill.fail(FillError("fill cancelled"))
 
     async def _fill_body(
         self,
@@ -316,18 +323,18 @@ class EdgeProxy:
         request_time: float,
     ) -> None:
         response_time = time.time()
-        fields = policy.strip_hop_by_hop(
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in resp.raw_headers
-        )
+        fields = _origin_fields(resp, response_time)
         headers = policy.combine_fields(fields)
         status = resp.status
         if stale is not None and status == 304:
-            merged = policy.merge_not_modified(stale.fields, fields)
+            # The stored Age described the old response on arrival; the 304 brings its own.
+            kept = [(name, value) for name, value in stale.fields if name.lower() != "age"]
+            merged = policy.merge_not_modified(kept, fields)
             obj = self._stored_object(
                 key, stale.status, merged, stale.body, rule, request_fields, request_time,
                 response_time,
             )
-            if obj is not None:
+            if obj is not None and store:
                 self.store.put(obj)
             fill.set_head(
                 FillHead(status, fields, headers, 0, True, True, None, 0.0, response_time, (),
@@ -343,7 +350,9 @@ class EdgeProxy:
         shareable = reason is None or reason == "too-big"
         if not shareable:
             self._release(key, fill)
-            if reason not in ("request", "authorization"):
+            # Not for 5xx: a transient origin error must not disable coalescing for the
+            # herd that follows its recovery.
+            if reason not in ("request", "authorization") and status < 500:
                 self.hit_for_miss[key] = True
         if reason is not None:
             self.stats.not_stored[reason] += 1
@@ -360,7 +369,7 @@ class EdgeProxy:
                 content_length=content_length,
                 shareable=shareable,
                 stored=reason is None,
-                ttl=int(lifetime - initial_age) if reason is None else None,
+                ttl=int(lifetime) - int(initial_age) if reason is None else None,
                 initial_age=initial_age,
                 response_time=response_time,
                 vary_names=policy.vary_names(headers),
@@ -387,6 +396,7 @@ class EdgeProxy:
             )
             if obj is not None and self.store.put(obj):
                 self.stats.stored_objects += 1
+                self.hit_for_miss.pop(key, None)
         fill.finish()
 
     def _unstorable(
@@ -468,6 +478,11 @@ class EdgeProxy:
         collapsed: bool,
         stale: CachedObject | None,
     ) -> None:
+        if collapsed and not fill.can_join():
+            # Joined in `miss`, but in the loop turn since then the fill dropped its first
+            # bytes (an unstored body trims behind its readers): start over.
+            await self.miss(ex, domain, key, rule, req, fwd, stale=stale)
+            return
         reader = fill.reader()
         try:
             try:
@@ -481,8 +496,15 @@ class EdgeProxy:
                 return
             if fhead.revalidated is not None:
                 obj = fhead.revalidated
-                self.deliver_hit(ex, obj, obj.age(time.time()), "revalidated",
-                                 fwd="stale", fwd_status=304)
+                # A waiter may have come for another Vary variant than the one revalidated.
+                if not collapsed or policy.vary_values(
+                    obj.vary_names, ex.head.headers
+                ) == obj.vary_values:
+                    self.deliver_hit(ex, obj, obj.age(time.time()), "revalidated",
+                                     fwd=fwd, fwd_status=304)
+                    return
+                reader.close()
+                await self.miss(ex, domain, key, rule, req, "miss", stale=stale)
                 return
             if collapsed and not self._may_share(fhead, fill, ex):
                 reader.close()
@@ -494,8 +516,11 @@ class EdgeProxy:
                 return
             await self._stream_fill(ex, fhead, reader, fwd, collapsed)
         except FillError:
-            ex.abort()
-            self.stats.account("error", ex.status or 502, ex.bytes_sent, ex.body_bytes_sent)
+            if ex.headers_sent:
+                ex.abort()
+                self.stats.account("error", ex.status, ex.bytes_sent, ex.body_bytes_sent)
+            else:
+                self.synth(ex, 502, "invalid origin response", "error", fwd=fwd)
         except ClientGone:
             ex.abort()
             self.stats.account(fwd, ex.status, ex.bytes_sent, ex.body_bytes_sent)
@@ -583,13 +608,11 @@ class EdgeProxy:
         try:
             resp = await self.origin.open(domain, head.method, head.target, headers, body)
         except OriginError as e:
-            self._origin_failed(domain, head.target, e.reason, "connect")
+            self._origin_failed(domain, head.target, e.detail, "connect")
             self.synth(ex, e.status, e.reason, "error", fwd=fwd)
             return
         try:
-            fields = policy.strip_hop_by_hop(
-                (n.decode("latin-1"), v.decode("latin-1")) for n, v in resp.raw_headers
-            )
+            fields = _origin_fields(resp, time.time())
             if policy.invalidates(head.method, resp.status):
                 self.invalidate(domain, head.target, fields)
             status_value = policy.cache_status(fwd=fwd, fwd_status=resp.status)
@@ -621,7 +644,9 @@ class EdgeProxy:
         finally:
             resp.close()
 
-    def invalidate(self, domain: DomainConfig, target: bytes, fields: list[tuple[str, str]]) -> None:
+    def invalidate(
+        self, domain: DomainConfig, target: bytes, fields: list[tuple[str, str]]
+    ) -> None:
         """RFC 9111 4.4: the target URI, and same-host Location / Content-Location."""
         path, _, query = target.decode("ascii").partition("?")
         self.store.remove(cache_key(domain, path, query))
@@ -629,11 +654,13 @@ class EdgeProxy:
             if name.lower() in ("location", "content-location"):
                 same_host = _same_host_path(value, domain.name)
                 if same_host is not None:
-                    p, _, q = same_host.partition("?")
+                    p, _, q = same_host.partition("#")[0].partition("?")
                     self.store.remove(cache_key(domain, p, q))
 
     # helpers -------------------------------------------------------------------------
-    def forward_headers(self, domain: DomainConfig, ex: Exchange, *, for_fill: bool) -> CIMultiDict[str]:
+    def forward_headers(
+        self, domain: DomainConfig, ex: Exchange, *, for_fill: bool
+    ) -> CIMultiDict[str]:
         head = ex.head
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in policy.strip_hop_by_hop(head.fields):
@@ -670,9 +697,23 @@ class EdgeProxy:
         log.warning("origin failure for %s%s: %s", domain.name, target.decode("ascii"), reason)
 
 
+def _origin_fields(resp: aiohttp.ClientResponse, now: float) -> list[tuple[str, str]]:
+    """The origin's response field lines, hop-by-hop free, with a Date (RFC 9110 6.6.1: a
+    recipient with a clock adds the one an origin left out)."""
+    fields = policy.strip_hop_by_hop(
+        (name.decode("latin-1"), value.decode("latin-1")) for name, value in resp.raw_headers
+    )
+    if not any(name.lower() == "date" for name, _ in fields):
+        fields.append(("Date", policy.format_http_date(now)))
+    return fields
+
+
 def _with_content_range(block: bytes, start: int, end: int, length: int) -> bytes:
+    # replay_block puts our Content-Length after Via, so it always follows a CRLF; this cannot
+    # match inside another field such as X-Content-Length.
     block = block.replace(
-        f"Content-Length: {length}\r\n".encode(), f"Content-Length: {end - start}\r\n".encode()
+        f"\r\nContent-Length: {length}\r\n".encode(),
+        f"\r\nContent-Length: {end - start}\r\n".encode(),
     )
     return block + f"Content-Range: bytes {start}-{end - 1}/{length}\r\n".encode()
 

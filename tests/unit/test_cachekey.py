@@ -1,0 +1,43 @@
+"""edge.cachekey: which requests share a stored response."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge.cachekey import cache_key, key_query
+from edge.config import DomainConfig, QueryPolicy
+
+KEEP_ALL = QueryPolicy()
+IGNORE = QueryPolicy("ignore_all")
+KEEP_A = QueryPolicy("keep", ("a",))
+DROP_UTM = QueryPolicy("drop", ("utm", "fbclid"))
+
+
+@pytest.mark.parametrize(
+    ("policy", "query", "kept"),
+    [
+        (KEEP_ALL, "", ""),
+        (KEEP_ALL, "b=2&a=1", "b=2&a=1"),  # order matters: no sorting
+        (KEEP_ALL, "x=%41", "x=%41"),  # no decoding
+        (IGNORE, "a=1&b=2", ""),
+        (KEEP_A, "a=1&utm=x&a=2", "a=1&a=2"),
+        (KEEP_A, "utm=x", ""),
+        (KEEP_A, "a", "a"),
+        (KEEP_A, "ab=1", ""),  # names compare whole
+        (DROP_UTM, "utm=x&a=1&fbclid=9", "a=1"),
+        (DROP_UTM, "a=1&&b=2&", "a=1&b=2"),
+        (DROP_UTM, "utm", ""),
+    ],
+)
+def test_key_query(policy: QueryPolicy, query: str, kept: str) -> None:
+    assert key_query(policy, query) == kept
+
+
+def test_cache_key_separates_domains_paths_and_queries() -> None:
+    a = DomainConfig(name="a.test", origins=("http://o",))
+    b = DomainConfig(name="b.test", origins=("http://o",))
+    assert cache_key(a, "/x", "") == "a.test/x"
+    assert cache_key(a, "/x", "q=1") == "a.test/x?q=1"
+    assert cache_key(a, "/x", "") != cache_key(b, "/x", "")
+    ignoring = DomainConfig(name="a.test", origins=("http://o",), query=IGNORE)
+    assert cache_key(ignoring, "/x", "q=1") == "a.test/x"
