@@ -1,13 +1,39 @@
 """Cache keys: which requests share a stored response (the *lookup* step's first half).
 
-key = domain + path + the query parameters the domain's query policy keeps. The origin still
+key = domain + normalised path + the query parameters the domain's query policy keeps. The origin still
 gets the query as the client sent it; only the key is normalised. Vary (RFC 9111 4.1) is the
 second half of the key and lives with the stored variants (`edge.store`).
 """
 
 from __future__ import annotations
 
+from string import ascii_letters, digits, hexdigits
+
 from edge.config import DomainConfig, QueryPolicy
+
+_UNRESERVED = frozenset(ascii_letters + digits + "-._~")  # RFC 3986 2.3
+_HEX = frozenset(hexdigits)
+
+
+def normalize_path(path: str) -> str:
+    """The path as rules and keys see it. RFC 3986 6.2.2.1-6.2.2.2.
+
+    Percent-encoded unreserved characters are decoded and other escapes upper-cased, so that
+    `/%61pi/` meets the `/api/` rule and shares `/api/`'s stored response. Dot segments are
+    kept: the origin receives the path exactly as sent and may resolve them its own way.
+    """
+    if "%" not in path:
+        return path
+    parts = path.split("%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        pair = part[:2]
+        if len(pair) == 2 and pair[0] in _HEX and pair[1] in _HEX:
+            char = chr(int(pair, 16))
+            out.append((char if char in _UNRESERVED else "%" + pair.upper()) + part[2:])
+        else:
+            out.append("%" + part)
+    return "".join(out)
 
 
 def _param_name(pair: str) -> str:

@@ -21,6 +21,8 @@ OUTCOMES = (
     "method", "refused", "error",
 )
 
+_STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx", "other", "other", "other", "other")
+
 
 class EdgeStats:
     def __init__(self) -> None:
@@ -37,7 +39,7 @@ class EdgeStats:
 
     def account(self, outcome: str, status: int, bytes_sent: int, body_bytes: int) -> None:
         self.requests[outcome] += 1
-        self.status_classes[f"{status // 100}xx"] += 1
+        self.status_classes[_STATUS_CLASSES[status // 100]] += 1
         self.bytes_sent += bytes_sent
         self.body_bytes_sent += body_bytes
 

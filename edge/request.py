@@ -30,7 +30,7 @@ from cachetools import TTLCache
 from multidict import CIMultiDict
 
 from edge import policy
-from edge.cachekey import cache_key
+from edge.cachekey import cache_key, normalize_path
 from edge.config import CacheRule, DomainConfig, EdgeConfig
 from edge.fetch import OriginClient, OriginError
 from edge.fill import Fill, FillError, FillHead, FillReader
@@ -44,7 +44,9 @@ log = logging.getLogger("edge.request")
 
 NO_DIRECTIVES = policy.request_directives({})
 HIT_FOR_MISS_SECONDS = 30.0  # how long a key whose response was unshareable skips coalescing
-CONDITIONAL_FIELDS = ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
+CONDITIONAL_FIELDS = frozenset(
+    {"if-match", "if-none-match", "if-modified-since", "if-unmodified-since"}
+)
 # Client fields a cache fill does not forward: the fill fetches the whole current object for
 # everyone; the client's own conditions and ranges are answered from it (RFC 9111 4.3.2).
 FILL_DROPS = frozenset(
@@ -101,7 +103,7 @@ class EdgeProxy:
     # lookup --------------------------------------------------------------------------
     def lookup(self, ex: Exchange, domain: DomainConfig) -> Awaitable[None] | None:
         head = ex.head
-        path = head.path
+        path = normalize_path(head.path)
         rule = domain.rule_for(path) if domain.rules else None
         if rule is not None and rule.ttl == 0:
             return self.pass_to_origin(ex, domain, "bypass")
@@ -116,6 +118,9 @@ class EdgeProxy:
         if obj is not None:
             now = time.time()
             age = obj.age(now)
+            if req is NO_DIRECTIVES and now < obj.fresh_until:
+                self.deliver_hit(ex, obj, age, "hit")
+                return None
             verdict = policy.lookup_freshness(req, obj.directives, age=age, lifetime=obj.lifetime)
             if verdict == "fresh":
                 self.deliver_hit(ex, obj, age, "hit")
@@ -166,7 +171,7 @@ class EdgeProxy:
             tail = f"Age: {age_s}\r\nCache-Status: {status_value}\r\n".encode()
             if outcome == "hit" and detail is None:
                 obj.hit_age, obj.hit_tail = age_s, tail
-        if 200 <= obj.status < 300 and any(name in fields for name in CONDITIONAL_FIELDS):
+        if 200 <= obj.status < 300 and not CONDITIONAL_FIELDS.isdisjoint(fields):
             status = policy.evaluate_conditional(head.method, fields, obj.headers)
             if status is not None:
                 self.send_without_body(ex, status, obj.fields, tail, outcome)
@@ -559,7 +564,7 @@ class EdgeProxy:
         if age > 0:
             tail = f"Age: {age}\r\n" + tail
         outcome = fwd
-        if status == 200 and any(name in fields for name in CONDITIONAL_FIELDS):
+        if status == 200 and not CONDITIONAL_FIELDS.isdisjoint(fields):
             cond = policy.evaluate_conditional(ex.method, fields, fhead.headers)
             if cond is not None:
                 self.send_without_body(ex, cond, fhead.fields, tail.encode(), outcome)
@@ -649,13 +654,13 @@ class EdgeProxy:
     ) -> None:
         """RFC 9111 4.4: the target URI, and same-host Location / Content-Location."""
         path, _, query = target.decode("ascii").partition("?")
-        self.store.remove(cache_key(domain, path, query))
+        self.store.remove(cache_key(domain, normalize_path(path), query))
         for name, value in fields:
             if name.lower() in ("location", "content-location"):
                 same_host = _same_host_path(value, domain.name)
                 if same_host is not None:
                     p, _, q = same_host.partition("#")[0].partition("?")
-                    self.store.remove(cache_key(domain, p, q))
+                    self.store.remove(cache_key(domain, normalize_path(p), q))
 
     # helpers -------------------------------------------------------------------------
     def forward_headers(

@@ -9,7 +9,7 @@ one URI (RFC 9111 4.1) kept under the same primary key.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cachetools import LRUCache
 
@@ -56,10 +56,18 @@ class CachedObject:
     out_block: bytes = b""  # prebuilt response field lines, without Age and Cache-Status
     hit_age: int = -1  # memo of the last hit head, valid for one age second
     hit_tail: bytes = b""
-    tags: tuple[str, ...] = field(default=())
+    # Wall time until which the object is fresh for a request without directives (the hit
+    # path's shortcut for RFC 9111 4.2: lifetime > current age); -inf when it must always be
+    # validated.
+    fresh_until: float = 0.0
 
     def __post_init__(self) -> None:
         self.build_out_block()
+        self.fresh_until = (
+            float("-inf")
+            if self.directives.no_cache
+            else self.response_time + self.lifetime - self.initial_age
+        )
 
     def build_out_block(self) -> None:
         self.out_block = replay_block(self.fields, self.headers.get("via"), len(self.body))

@@ -717,6 +717,25 @@ async def test_rules(make_origin, make_edge) -> None:
     assert cs_params(await get(edge, "/api/x"))["fwd"] == "bypass"
 
 
+async def test_rules_and_keys_see_escaped_unreserved_characters_decoded(
+    make_origin, make_edge
+) -> None:
+    routes = {
+        "/api/x": fixed(b"x", {"Cache-Control": "max-age=60"}),
+        "/img/a.jpg": fixed(b"a", {"Cache-Control": "max-age=60"}),
+    }
+    origin, edge = await setup(make_origin, make_edge, routes, domain_extra=RULES)
+    # "/%61pi/" is "/api/": the bypass rule applies, and the origin gets the bytes as sent.
+    resp = await get(edge, "/%61pi/x")
+    assert resp.status == 200 and cs_params(resp)["fwd"] == "bypass"
+    assert origin.requests[-1].raw_path == "/%61pi/x"
+    # One stored object for both spellings.
+    await get(edge, "/img/a.jpg")
+    again = await get(edge, "/img/%61.jpg")
+    assert again.body == b"a" and cs_params(again).get("hit") is True
+    assert origin.hits["/img/a.jpg"] == 1
+
+
 def query_echo() -> Any:
     async def handler(req: web.Request) -> web.Response:
         return web.Response(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.cachekey import cache_key, key_query
+from edge.cachekey import cache_key, key_query, normalize_path
 from edge.config import DomainConfig, QueryPolicy
 
 KEEP_ALL = QueryPolicy()
@@ -41,3 +41,19 @@ def test_cache_key_separates_domains_paths_and_queries() -> None:
     assert cache_key(a, "/x", "") != cache_key(b, "/x", "")
     ignoring = DomainConfig(name="a.test", origins=("http://o",), query=IGNORE)
     assert cache_key(ignoring, "/x", "q=1") == "a.test/x"
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/api/x", "/api/x"),
+        ("/%61pi/x", "/api/x"),  # unreserved escapes decoded
+        ("/a%2fb", "/a%2Fb"),  # reserved escapes kept, hex upper-cased
+        ("/%7E%2D%2e_", "/~-._"),
+        ("/100%", "/100%"),  # broken escapes left alone
+        ("/%zz%4", "/%zz%4"),
+        ("/a/../b", "/a/../b"),  # dot segments are the origin's business
+    ],
+)
+def test_normalize_path(raw: str, normal: str) -> None:
+    assert normalize_path(raw) == normal
