@@ -1,8 +1,9 @@
 """Cache keys: which requests share a stored response (the *lookup* step's first half).
 
-key = domain + normalised path + the query parameters the domain's query policy keeps. The origin still
-gets the query as the client sent it; only the key is normalised. Vary (RFC 9111 4.1) is the
-second half of the key and lives with the stored variants (`edge.store`).
+key = domain + normalised path + the query parameters the domain's query policy keeps. The
+origin still gets the path and query as the client sent them; only the key is normalised.
+Vary (RFC 9111 4.1) is the second half of the key and lives with the stored variants
+(`edge.store`).
 """
 
 from __future__ import annotations
