@@ -111,10 +111,15 @@ Ctrl-C stops it.""",
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cdn", description="cdn-edge: edge CDN and control plane")
+    parser = argparse.ArgumentParser(
+        prog="cdn", description="cdn-edge: edge CDN and control plane"
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument(
-        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop)"
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop (default uvloop)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_edge = sub.add_parser("edge", help="run an edge from a config file")

@@ -21,7 +21,7 @@ class RawResponse:
 
 def _parse_head(head: bytes) -> tuple[int, str, list[tuple[str, str]]]:
     lines = head.decode("latin-1").split("\r\n")
-    _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    _, status, reason = [*lines[0].split(" ", 2), ""][:3]
     headers = []
     for line in lines[1:]:
         if line:

@@ -38,6 +38,7 @@ class Edge:
 
 
 EdgeFactory = Callable[..., Awaitable[Edge]]
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ class Origin:
 async def make_origin() -> AsyncIterator[Callable[..., Awaitable[Origin]]]:
     servers: list[TestServer] = []
 
-    async def start(routes: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]) -> Origin:
+    async def start(routes: dict[str, Route]) -> Origin:
         holder: dict[str, Origin] = {}
 
         async def dispatch(request: web.Request) -> web.StreamResponse:
