@@ -3,8 +3,10 @@
 Pure functions and small state objects, no sockets: `parse_head` turns the bytes of a request
 head into a `RequestHead` or raises `BadRequest` with the status to answer, and `ChunkedDecoder`
 decodes a chunked request body. The rules are strict where leniency enables request smuggling
-(RFC 9112 6.3, 11.2): conflicting or repeated Content-Length, Content-Length together with
-Transfer-Encoding, obsolete line folding, whitespace before a colon and bare CR are all refused.
+(RFC 9112 6.3, 11.2): conflicting Content-Length values (identical repeats count as one),
+Content-Length together with Transfer-Encoding, obsolete line folding, whitespace before a
+colon, bare CR, LF or NUL in a field value, a non-ASCII Host, and in chunked bodies whitespace
+before a chunk size or a bare CR/LF in an extension or trailer are all refused.
 
 Our own parser rather than llhttp (httptools) because llhttp refuses methods it does not know,
 while a proxy must forward any token method (RFC 9110 9.1), and because it is as fast here:
@@ -13,6 +15,7 @@ about 1 us for a typical request head either way.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # RFC 9110 5.6.2 tchar
@@ -22,7 +25,10 @@ _BAD_VALUE_BYTES = (b"\r", b"\n", b"\x00")
 # Visible ASCII only in the request-target (RFC 3986 characters; RFC 9112 3.2).
 _TARGET_OK = frozenset(range(0x21, 0x7F))
 
-MAX_CHUNK_LINE = 4096
+_VERSION_SHAPE = re.compile(rb"HTTP/[0-9]\.[0-9]")
+
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, or one trailer line
+MAX_TRAILERS = 16384  # the whole trailer section
 
 
 class BadRequest(Exception):
@@ -56,16 +62,41 @@ class RequestHead:
         return self.target.partition(b"?")[2].decode("ascii")
 
 
+def skip_empty_lines(buf: bytes | bytearray) -> int:
+    """Offset of the first byte after any empty lines (CRLF or LF) at the start of `buf`.
+
+    RFC 9112 2.2: a server ignores at least one empty line received before a request-line
+    (some clients send an extra CRLF after a request body).
+    """
+    i = 0
+    while True:
+        c = buf[i : i + 1]
+        if c == b"\n":
+            i += 1
+        elif c == b"\r" and buf[i + 1 : i + 2] == b"\n":
+            i += 2
+        else:
+            return i
+
+
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
-    """Offset just past the blank line that ends a head, or -1 when it has not arrived yet."""
+    """Offset just past the blank line that ends a head, or -1 when it has not arrived yet.
+
+    Empty lines before the request-line are not a head's end; `start` is where to resume a
+    search that already failed on a shorter buffer.
+    """
+    first = buf[:1]
+    if first == b"\r" or first == b"\n":
+        start = max(start, skip_empty_lines(buf))
     end = buf.find(b"\r\n\r\n", start)
     return -1 if end < 0 else end + 4
 
 
 def parse_head(raw: bytes) -> RequestHead:
     """Parse one request head (request-line and fields, CRLF CRLF included). RFC 9112 2-3, 5-7."""
-    # RFC 9112 2.2: ignore at least one empty line before the request-line.
-    raw = raw.lstrip(b"\r\n")
+    first = raw[:1]
+    if first == b"\r" or first == b"\n":
+        raw = raw[skip_empty_lines(raw) :]
     lines = raw[:-4].split(b"\r\n")
     request_line = lines[0]
     parts = request_line.split(b" ")
@@ -78,10 +109,12 @@ def parse_head(raw: bytes) -> RequestHead:
         version = 11
     elif version_b == b"HTTP/1.0":
         version = 10
-    elif version_b.startswith(b"HTTP/") and len(version_b) == 8 and version_b[5:6].isdigit():
-        raise BadRequest("HTTP version not supported", 505)
-    else:
+    elif not _VERSION_SHAPE.fullmatch(version_b):
         raise BadRequest("malformed HTTP version")
+    elif version_b[5:6] == b"1":
+        version = 11  # RFC 9110 2.5: a higher minor version is served as the highest we know
+    else:
+        raise BadRequest("HTTP version not supported", 505)
     if not target or not _TARGET_OK.issuperset(target):
         raise BadRequest("malformed request target")
     method = method_b.decode("ascii")
@@ -139,11 +172,12 @@ def parse_head(raw: bytes) -> RequestHead:
             raise BadRequest("malformed Content-Length")
         content_length = int(value)
 
-    connection = headers.get("connection", "").lower()
-    if version == 11:
-        keep_alive = "close" not in connection
+    connection = headers.get("connection")
+    if connection is None:
+        keep_alive = version == 11
     else:
-        keep_alive = "keep-alive" in connection and "close" not in connection
+        tokens = {token.strip() for token in connection.lower().split(",")}
+        keep_alive = "close" not in tokens and (version == 11 or "keep-alive" in tokens)
     expect_continue = (
         version == 11 and headers.get("expect", "").lower() == "100-continue"
     )
@@ -179,69 +213,97 @@ def _from_other_form(method: str, target: bytes, host: str) -> tuple[bytes, str]
     raise BadRequest("malformed request target")
 
 
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:[]")
+
+
 def _valid_host(host: str) -> bool:
-    # reg-name / IPv4 / [IPv6] with an optional port; anything else cannot name a domain.
-    return all(c.isalnum() or c in "-._:[]" for c in host)
+    # reg-name / IPv4 / [IPv6] with an optional port, in ASCII (str.isalnum() would let "é"
+    # and "²" through); anything else cannot name a domain.
+    return _HOST_CHARS.issuperset(host)
+
+
+_SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 class ChunkedDecoder:
-    """Incremental decoder of a chunked request body (RFC 9112 7.1); trailers are dropped."""
+    """Incremental decoder of a chunked request body (RFC 9112 7.1); trailers are dropped.
 
-    __slots__ = ("_buf", "_remaining", "_state", "done")
+    Strict where a lenient reading differs from other parsers' (request smuggling): no
+    whitespace before a chunk size, no bare CR or LF anywhere in a chunk or trailer line,
+    lines and the trailer section bounded. Data is sliced out of the fed bytes without
+    buffering; only an incomplete line (at most MAX_CHUNK_LINE bytes) is kept between feeds.
+    """
+
+    __slots__ = ("_partial", "_remaining", "_state", "_trailer_bytes", "done")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._partial = b""
         self._remaining = 0
-        self._state = "size"  # size | data | data-crlf | trailer
+        self._state = _SIZE
+        self._trailer_bytes = 0
         self.done = False
 
     def feed(self, data: bytes) -> tuple[list[bytes], bytes]:
         """Decode `data`; return body pieces and any bytes past the end of the body."""
-        self._buf += data
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
         out: list[bytes] = []
-        buf = self._buf
+        pos = 0
+        n = len(data)
         while not self.done:
-            if self._state == "data":
-                if not buf:
+            state = self._state
+            if state == _DATA:
+                if pos >= n:
                     break
-                take = min(self._remaining, len(buf))
-                out.append(bytes(buf[:take]))
-                del buf[:take]
+                take = min(self._remaining, n - pos)
+                out.append(data[pos : pos + take])
+                pos += take
                 self._remaining -= take
                 if self._remaining == 0:
-                    self._state = "data-crlf"
+                    self._state = _DATA_CRLF
                 continue
-            if self._state == "data-crlf":
-                if len(buf) < 2:
+            if state == _DATA_CRLF:
+                if n - pos < 2:
+                    if pos < n and data[pos] != 0x0D:
+                        raise BadRequest("malformed chunk: no CRLF after data")
                     break
-                if buf[:2] != b"\r\n":
-                    raise BadRequest("malformed chunk")
-                del buf[:2]
-                self._state = "size"
+                if data[pos : pos + 2] != b"\r\n":
+                    raise BadRequest("malformed chunk: no CRLF after data")
+                pos += 2
+                self._state = _SIZE
                 continue
-            end = buf.find(b"\r\n")
+            end = data.find(b"\r\n", pos)
             if end < 0:
-                if len(buf) > MAX_CHUNK_LINE:
+                if n - pos > MAX_CHUNK_LINE:
                     raise BadRequest("chunk line too long")
                 break
-            line = bytes(buf[:end])
-            del buf[: end + 2]
-            if self._state == "trailer":
+            if end - pos > MAX_CHUNK_LINE:
+                raise BadRequest("chunk line too long")
+            line = data[pos:end]
+            pos = end + 2
+            if b"\n" in line or b"\r" in line:
+                raise BadRequest("bare CR or LF in a chunk line")
+            if state == _TRAILER:
                 if not line:
                     self.done = True
+                    break
+                self._trailer_bytes += len(line) + 2
+                if self._trailer_bytes > MAX_TRAILERS:
+                    raise BadRequest("chunked trailer section too large")
                 continue
-            size_text = line.split(b";", 1)[0].strip(b" \t")
-            if not size_text or len(size_text) > 16 or not all(
-                c in b"0123456789abcdefABCDEF" for c in size_text
-            ):
+            size_text = line.split(b";", 1)[0].rstrip(b" \t")
+            if not size_text or len(size_text) > 16 or not _HEX.issuperset(size_text):
                 raise BadRequest("malformed chunk size")
             size = int(size_text, 16)
             if size == 0:
-                self._state = "trailer"
+                self._state = _TRAILER
             else:
                 self._remaining = size
-                self._state = "data"
-        rest = bytes(buf) if self.done else b""
+                self._state = _DATA
         if self.done:
-            buf.clear()
-        return out, rest
+            return out, data[pos:]
+        if pos < n:
+            self._partial = data[pos:]
+        return out, b""

@@ -8,7 +8,12 @@ passes become tasks.
 Handles keep-alive, pipelining (requests are answered strictly in order, one at a time),
 chunked and Content-Length request bodies, `Expect: 100-continue`, HTTP/1.0 and flow control
 in both directions. Timeouts are enforced by one sweeper task per server, not a timer per
-request.
+request: keep-alive idle (from the end of the last response), request head, stalled request
+body, and send (a client that stops reading).
+
+Bounded buffering: reading pauses while a request body is buffered past BODY_HIGH_WATER, and
+while more than `max_header_bytes` of pipelined requests wait behind the one in progress.
+A half-closed client (EOF after its requests) still gets every response it asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import Protocol, cast
 
-from edge.http1 import BadRequest, ChunkedDecoder, RequestHead, find_head_end, parse_head
+from edge.http1 import (
+    BadRequest,
+    ChunkedDecoder,
+    RequestHead,
+    find_head_end,
+    parse_head,
+    skip_empty_lines,
+)
 
 log = logging.getLogger("edge.server")
 
@@ -40,6 +52,7 @@ REASONS = {
 }
 
 BODY_HIGH_WATER = 1 << 20  # pause reading a request body past this much unread data
+SMALL_BODY = 1 << 16  # `Exchange.send` joins head and body into one write up to this size
 
 
 class ClientGone(Exception):
@@ -68,9 +81,15 @@ class _Clock:
 CLOCK = _Clock()
 
 
-def status_line(version: int, status: int) -> bytes:
-    reason = REASONS.get(status, "Unknown")
-    return f"HTTP/1.{version % 10} {status} {reason}\r\n".encode("latin-1")
+_STATUS_LINES = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in REASONS.items()}
+
+
+def status_line(status: int) -> bytes:
+    """The status line; always HTTP/1.1, also to 1.0 clients (RFC 9110 2.5)."""
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode("latin-1")
+    return line
 
 
 def encode_fields(fields: list[tuple[str, str]]) -> bytes:
@@ -80,7 +99,9 @@ def encode_fields(fields: list[tuple[str, str]]) -> bytes:
 class _BodyReader:
     """Request body bytes handed from the protocol to the handler, with flow control."""
 
-    __slots__ = ("_chunks", "_conn", "_decoder", "_remaining", "_waiter", "buffered", "done")
+    __slots__ = (
+        "_chunks", "_conn", "_decoder", "_remaining", "_waiter", "buffered", "done", "error",
+    )
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self._conn = conn
@@ -90,11 +111,21 @@ class _BodyReader:
         self._waiter: asyncio.Future[None] | None = None
         self.buffered = 0
         self.done = not head.chunked and head.content_length == 0
+        self.error: BadRequest | None = None  # a malformed chunked body
 
     def feed(self, data: bytes) -> bytes:
-        """Take body bytes from `data`; return what belongs to the next request."""
+        """Take body bytes from `data`; return what belongs to the next request.
+
+        A malformed chunked body sets `error` (and `done`): the caller must refuse it.
+        """
         if self._decoder is not None:
-            pieces, rest = self._decoder.feed(data)
+            try:
+                pieces, rest = self._decoder.feed(data)
+            except BadRequest as e:
+                self.error = e
+                self.done = True
+                self._wake()
+                return b""
             self.done = self._decoder.done
         else:
             take = min(self._remaining, len(data))
@@ -123,9 +154,11 @@ class _BodyReader:
                 self._conn.body_consumed(self)
                 yield chunk
                 continue
+            if self.error is not None:
+                raise ClientGone(f"malformed request body: {self.error.reason}")
             if self.done:
                 return
-            if self._conn.closed:
+            if self._conn.closed or self._conn.eof:
                 raise ClientGone("client closed during request body")
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
@@ -187,7 +220,9 @@ class Exchange:
             yield chunk
 
     def _connection_field(self) -> bytes:
-        if not self.keep_alive or self._conn.closing:
+        body = self._body
+        if not self.keep_alive or self._conn.closing or (body is not None and not body.done):
+            # Unread request body: the connection cannot be reused, so say it.
             self.keep_alive = False
             return b"Connection: close\r\n"
         if self.head.version == 10:
@@ -201,13 +236,15 @@ class Exchange:
         """
         self.status = status
         self.headers_sent = True
-        head = status_line(self.head.version, status) + head_block + self._connection_field()
-        head += b"\r\n"
+        head = status_line(status) + head_block + self._connection_field() + b"\r\n"
         if self.no_body or not body:
             self._conn.write(head)
+        elif len(body) <= SMALL_BODY:
+            self._conn.write(head + body)  # one buffer, one send()
+            self.body_bytes_sent = len(body)
         else:
-            # One buffer: a single send() for small bodies; large ones are streamed elsewhere.
-            self._conn.write(head + body)
+            self._conn.write(head)  # no copy of a large body
+            self._conn.write(body)
             self.body_bytes_sent = len(body)
         self.bytes_sent = len(head) + self.body_bytes_sent
         self.finish()
@@ -223,8 +260,7 @@ class Exchange:
                 extra = b"Transfer-Encoding: chunked\r\n"
             else:
                 self.keep_alive = False  # close-delimited body for HTTP/1.0
-        head = status_line(self.head.version, status) + head_block + extra
-        head += self._connection_field() + b"\r\n"
+        head = status_line(status) + head_block + extra + self._connection_field() + b"\r\n"
         self.bytes_sent += len(head)
         self._conn.write(head)
 
@@ -235,10 +271,13 @@ class Exchange:
             raise ClientGone("client closed")
         n = len(data)
         if self._chunked:
-            frame = f"{n:x}\r\n".encode()
-            self._conn.write(frame)
-            self._conn.write(data)
-            self._conn.write(b"\r\n")
+            frame = b"%x\r\n" % n
+            if n <= SMALL_BODY:
+                self._conn.write(b"".join((frame, data, b"\r\n")))  # one packet, not three
+            else:
+                self._conn.write(frame)
+                self._conn.write(data)
+                self._conn.write(b"\r\n")
             self.bytes_sent += len(frame) + 2
         else:
             self._conn.write(data)
@@ -268,15 +307,18 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_buf",
+        "_closed_at",
         "_drain",
         "_exchange",
         "_paused",
+        "_paused_at",
         "_reading_paused",
         "_server",
         "_task",
         "_transport",
         "closed",
         "closing",
+        "eof",
         "head_started",
         "last_activity",
         "peer",
@@ -289,11 +331,14 @@ class HttpConnection(asyncio.Protocol):
         self._exchange: Exchange | None = None
         self._body: _BodyReader | None = None
         self._task: asyncio.Task[None] | None = None
-        self._paused = False
+        self._paused = False  # the transport asked us to stop writing
+        self._paused_at = 0.0
         self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self.closed = False
-        self.closing = False
+        self._closed_at = 0.0
+        self.closed = False  # close requested (or the connection is lost)
+        self.closing = False  # the server is shutting down: close after this response
+        self.eof = False  # the client half-closed: answer what it sent, then close
         self.peer = ""
         self.last_activity = CLOCK.now
         self.head_started = 0.0
@@ -321,6 +366,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        self._paused_at = CLOCK.now
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -329,24 +375,30 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = CLOCK.now
-        if self._body is not None and not self._body.done:
-            data = self._body.feed(data)
-            if self._body.buffered > BODY_HIGH_WATER and not self._reading_paused:
-                self._reading_paused = True
-                self._transport.pause_reading()  # type: ignore[union-attr]
+        body = self._body
+        if body is not None and not body.done:
+            data = self._feed_body(body, data)
             if not data:
                 return
-        if not self._buf:
+        if self._buf:
+            self._buf += data
+        else:
+            self._buf = data
             self.head_started = CLOCK.now
-        self._buf = self._buf + data if self._buf else data
         if self._exchange is None:
             self._process()
+        elif len(self._buf) > self._server.max_header_bytes:
+            # Pipelined requests wait behind the one in progress: buffer a bounded amount.
+            self._pause_reading()
 
     def eof_received(self) -> bool | None:
-        # A half-closed client still gets the answers to requests it already sent.
-        if self._exchange is None and not self._buf:
-            return False
-        self.closing = True
+        # A half-closed client still gets the answers to every request it already sent.
+        self.eof = True
+        if self._exchange is None:
+            # Every complete head has been answered; the rest can never complete.
+            self.close()
+        elif self._body is not None and not self._body.done:
+            self._body.fail()  # the body will never complete: wake its reader
         return True
 
     # request loop ----------------------------------------------------------------------
@@ -358,6 +410,10 @@ class HttpConnection(asyncio.Protocol):
             if end < 0:
                 if len(buf) > server.max_header_bytes:
                     self._refuse(431, "request header fields too large")
+                elif self.eof:
+                    self.close()
+                elif skip_empty_lines(buf) == len(buf):
+                    self._buf = b""  # a stray CRLF after a body: still idle, not a slow head
                 return
             if end > server.max_header_bytes:
                 self._refuse(431, "request header fields too large")
@@ -368,15 +424,18 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(e.status, e.reason)
                 return
             self._buf = buf[end:]
-            if self._buf:
-                self.head_started = CLOCK.now
             exchange = Exchange(self, head)
-            self._exchange = exchange
             body = exchange._body
-            self._body = body
             if body is not None and self._buf:
                 rest = body.feed(self._buf)
+                if body.error is not None:
+                    self._refuse(body.error.status, body.error.reason)
+                    return
                 self._buf = rest
+            if self._buf:
+                self.head_started = CLOCK.now
+            self._exchange = exchange
+            self._body = body
             try:
                 pending = server.handler.handle(exchange)
             except Exception:
@@ -385,6 +444,8 @@ class HttpConnection(asyncio.Protocol):
                 pending = None
             if pending is not None:
                 self._task = asyncio.ensure_future(self._run(exchange, pending))
+                if len(self._buf) > server.max_header_bytes:
+                    self._pause_reading()  # enough pipelined requests wait already
                 return
             self._exchange_done(exchange)
 
@@ -418,21 +479,58 @@ class HttpConnection(asyncio.Protocol):
     def _exchange_done(self, exchange: Exchange) -> None:
         self._exchange = None
         self._body = None
+        now = CLOCK.now
+        self.last_activity = now  # keep-alive idle time counts from the end of the response
+        if self._buf:
+            self.head_started = now  # a pipelined head's time starts now
+        if not exchange.keep_alive or self.closing:
+            self.close()
+            return
         if self._reading_paused and not self.closed:
             self._reading_paused = False
             self._transport.resume_reading()  # type: ignore[union-attr]
-        if not exchange.keep_alive or self.closing:
-            self.close()
+        if self.eof and find_head_end(self._buf) < 0:
+            self.close()  # half-closed and nothing complete left to answer
 
-    def _refuse(self, status: int, reason: str) -> None:
-        self._server.handler.refused(None, self.peer, status, reason)
+    def _feed_body(self, body: _BodyReader, data: bytes) -> bytes:
+        rest = body.feed(data)
+        if body.error is not None:
+            self._body_refused(body.error)
+            return b""
+        if body.buffered > BODY_HIGH_WATER:
+            self._pause_reading()
+        return rest
+
+    def _body_refused(self, error: BadRequest) -> None:
+        """A malformed chunked body while the handler runs: refuse it if still possible."""
+        exchange = self._exchange
+        if exchange is None or exchange.headers_sent:
+            self.abort()
+            return
+        # The handler accounts for the exchange and sees ClientGone when it reads on.
+        exchange.keep_alive = False
+        self._refuse(error.status, error.reason, account=False)
+
+    def _refuse(self, status: int, reason: str, *, account: bool = True) -> None:
+        if account:
+            self._server.handler.refused(None, self.peer, status, reason)
         body = (reason + "\n").encode()
-        head = status_line(11, status) + synth_fields(len(body)) + b"Connection: close\r\n\r\n"
+        head = status_line(status) + synth_fields(len(body)) + b"Connection: close\r\n\r\n"
         self.write(head + body)
         self.close()
 
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and not self.closed:
+            self._reading_paused = True
+            self._transport.pause_reading()  # type: ignore[union-attr]
+
     def body_consumed(self, body: _BodyReader) -> None:
-        if self._reading_paused and body.buffered < BODY_HIGH_WATER // 2 and not self.closed:
+        if (
+            self._reading_paused
+            and body.buffered < BODY_HIGH_WATER // 2
+            and len(self._buf) <= self._server.max_header_bytes
+            and not self.closed
+        ):
             self._reading_paused = False
             self._transport.resume_reading()  # type: ignore[union-attr]
 
@@ -455,17 +553,32 @@ class HttpConnection(asyncio.Protocol):
         return self._transport
 
     def close(self) -> None:
+        """Close once what was written is flushed (bounded by the send timeout)."""
         if not self.closed and self._transport is not None:
             self.closed = True
+            self._closed_at = CLOCK.now
             self._transport.close()
 
     def abort(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
+        """Close now, dropping unsent data (also when a close is already in progress)."""
+        if self._transport is not None:
             self._transport.abort()
         self.closed = True
 
     # sweeper hooks ---------------------------------------------------------------------
-    def idle_check(self, now: float, keepalive: float, head_timeout: float) -> None:
+    def idle_check(
+        self, now: float, keepalive: float, head_timeout: float, send_timeout: float
+    ) -> None:
+        if self.closed:
+            # close() waits for the transport to flush: a client that never reads must not
+            # keep the connection forever.
+            if now - self._closed_at > send_timeout:
+                self.abort()
+            return
+        if self._paused:
+            if now - self._paused_at > send_timeout:
+                self.abort()  # the client stopped reading
+            return
         if self._exchange is None:
             if self._buf and now - self.head_started > head_timeout:
                 self._refuse(408, "request head timeout")
@@ -474,6 +587,7 @@ class HttpConnection(asyncio.Protocol):
         elif (
             self._body is not None
             and not self._body.done
+            and not self._reading_paused  # we stopped reading: not the client's fault
             and now - self.last_activity > head_timeout
         ):
             self.abort()  # a stalled upload
@@ -503,11 +617,15 @@ class HttpServer:
         max_header_bytes: int = 16384,
         keepalive_timeout: float = 75.0,
         head_timeout: float = 30.0,
+        send_timeout: float = 60.0,
     ) -> None:
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.keepalive_timeout = keepalive_timeout
+        # Whole request head, and longest pause in a request body.
         self.head_timeout = head_timeout
+        # Longest time a client may leave a response unread (or a closing connection unflushed).
+        self.send_timeout = send_timeout
         self.connections: set[HttpConnection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -524,7 +642,7 @@ class HttpServer:
             CLOCK.refresh()
             now = CLOCK.now
             for conn in list(self.connections):
-                conn.idle_check(now, self.keepalive_timeout, self.head_timeout)
+                conn.idle_check(now, self.keepalive_timeout, self.head_timeout, self.send_timeout)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight responses finish for up to `grace` s, then cut."""
