@@ -136,6 +136,8 @@ class EdgeSettings:
     state_dir: str = "var/edge"
     max_header_bytes: int = 16384  # a request head larger than this is answered with 431
     keepalive_timeout: float = 75.0
+    request_head_timeout: float = 30.0  # a request head not complete by then: 408
+    send_timeout: float = 60.0  # a client that reads nothing of a response for this long is cut
     edge_id: str = socket.gethostname()
 
 
@@ -253,6 +255,8 @@ _EDGE_KEYS = (
     "state_dir",
     "max_header_bytes",
     "keepalive_timeout",
+    "request_head_timeout",
+    "send_timeout",
     "edge_id",
 )
 _CACHE_KEYS = ("memory", "max_object")
@@ -340,6 +344,10 @@ def _parse_edge(table: dict[str, object]) -> EdgeSettings:
         state_dir=state_dir,
         max_header_bytes=_size(table, "max_header_bytes", "edge", defaults.max_header_bytes),
         keepalive_timeout=_seconds(table, "keepalive_timeout", "edge", defaults.keepalive_timeout),
+        request_head_timeout=_seconds(
+            table, "request_head_timeout", "edge", defaults.request_head_timeout
+        ),
+        send_timeout=_seconds(table, "send_timeout", "edge", defaults.send_timeout),
         edge_id=edge_id,
     )
 

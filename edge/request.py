@@ -58,6 +58,10 @@ NOT_MODIFIED_FIELDS = frozenset(
 )
 # Unstorable reasons a rule with respect_origin = false overrides (commercial CDNs' "ignore
 # origin cache headers"); Authorization, Set-Cookie, Vary: * and status rules still hold.
+ALLOW_ALL = b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n"
+# Stored bodies above this are streamed in STREAM_CHUNK writes, each waiting for the socket.
+STREAMED_HIT = 1 << 20
+STREAM_CHUNK = 256 << 10
 FORCEABLE = frozenset({"no-store", "private", "no-freshness"})
 
 
@@ -96,6 +100,11 @@ class EdgeProxy:
             self.synth(ex, 404, "unknown host", "refused")
             return None
         # admit: domain state and access rules come here (control-plane and access issues).
+        if head.target == b"*":
+            # OPTIONS * asks about the server, not a resource (RFC 9110 9.3.7): answered here.
+            ex.send(200, synth_fields(0) + ALLOW_ALL, b"")
+            self.stats.account("bypass", 200, ex.bytes_sent, 0)
+            return None
         if head.method not in ("GET", "HEAD"):
             return self.pass_to_origin(ex, domain, "method")
         return self.lookup(ex, domain)
@@ -119,19 +128,15 @@ class EdgeProxy:
             now = time.time()
             age = obj.age(now)
             if req is NO_DIRECTIVES and now < obj.fresh_until:
-                self.deliver_hit(ex, obj, age, "hit")
-                return None
+                return self.deliver_hit(ex, obj, age, "hit")
             verdict = policy.lookup_freshness(req, obj.directives, age=age, lifetime=obj.lifetime)
             if verdict == "fresh":
-                self.deliver_hit(ex, obj, age, "hit")
-                return None
+                return self.deliver_hit(ex, obj, age, "hit")
             if verdict == "stale-ok":
-                self.deliver_hit(ex, obj, age, "stale")
-                return None
+                return self.deliver_hit(ex, obj, age, "stale")
             if verdict == "stale-while-revalidate":
                 self.revalidate_in_background(domain, key, rule, ex, obj)
-                self.deliver_hit(ex, obj, age, "stale", detail="stale-while-revalidate")
-                return None
+                return self.deliver_hit(ex, obj, age, "stale", detail="stale-while-revalidate")
             if req.only_if_cached:
                 self.synth(ex, 504, "not cached", "miss", detail="only-if-cached")
                 return None
@@ -157,7 +162,8 @@ class EdgeProxy:
         detail: str | None = None,
         fwd: str | None = None,
         fwd_status: int | None = None,
-    ) -> None:
+    ) -> Awaitable[None] | None:
+        """Answer from a stored response; synchronous unless the body is large."""
         head = ex.head
         fields = head.headers
         age_s = int(age)
@@ -175,15 +181,38 @@ class EdgeProxy:
             status = policy.evaluate_conditional(head.method, fields, obj.headers)
             if status is not None:
                 self.send_without_body(ex, status, obj.fields, tail, outcome)
-                return
+                return None
         if "range" in fields and obj.status == 200:
-            self.deliver_range(ex, obj, tail, outcome)
-            return
-        block = obj.out_block + tail
-        ex.send(obj.status, block, obj.body)
-        self.stats.account(outcome, obj.status, ex.bytes_sent, ex.body_bytes_sent)
+            return self.deliver_range(ex, obj, tail, outcome)
+        return self.send_stored(ex, obj.status, obj.out_block + tail, obj.body, outcome)
 
-    def deliver_range(self, ex: Exchange, obj: CachedObject, tail: bytes, outcome: str) -> None:
+    def send_stored(
+        self, ex: Exchange, status: int, block: bytes, body: bytes | memoryview, outcome: str
+    ) -> Awaitable[None] | None:
+        """A stored body: one synchronous write when small, else streamed with flow control
+        (a 16 MiB write to a slow client would otherwise sit in the transport's buffer, and
+        stock asyncio copies it there)."""
+        if len(body) <= STREAMED_HIT or ex.no_body:
+            ex.send(status, block, body)
+            self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+            return None
+        return self._stream_stored(ex, status, block, body, outcome)
+
+    async def _stream_stored(
+        self, ex: Exchange, status: int, block: bytes, body: bytes | memoryview, outcome: str
+    ) -> None:
+        ex.start(status, block, len(body))
+        view = memoryview(body)
+        try:
+            for offset in range(0, len(body), STREAM_CHUNK):
+                await ex.write(view[offset : offset + STREAM_CHUNK])
+            ex.finish()
+        finally:
+            self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+
+    def deliver_range(
+        self, ex: Exchange, obj: CachedObject, tail: bytes, outcome: str
+    ) -> Awaitable[None] | None:
         """Single byte range from a stored body (RFC 9110 14); multiple ranges get the whole."""
         fields = ex.head.headers
         block = obj.out_block + tail
@@ -191,19 +220,17 @@ class EdgeProxy:
         if_range = fields.get("if-range")
         ranges = parse_range(fields["range"], length)
         if ranges is None or (if_range is not None and not if_range_allows(if_range, obj.headers)):
-            ex.send(obj.status, block, obj.body)
-        elif not ranges:
+            return self.send_stored(ex, obj.status, block, obj.body, outcome)
+        if not ranges:
             body = b"range not satisfiable\n"
             extra = f"Content-Range: bytes */{length}\r\n".encode()
-            ex.send(416, synth_fields(len(body)) + extra + tail, body)
-        elif len(ranges) > 1:
-            ex.send(obj.status, block, obj.body)
-        else:
-            start, end = ranges[0]
-            part = obj.body[start:end]
-            block = _with_content_range(block, start, end, length)
-            ex.send(206, block, part)
-        self.stats.account(outcome, ex.status, ex.bytes_sent, ex.body_bytes_sent)
+            return self.send_stored(ex, 416, synth_fields(len(body)) + extra + tail, body, outcome)
+        if len(ranges) > 1:
+            return self.send_stored(ex, obj.status, block, obj.body, outcome)
+        start, end = ranges[0]
+        part = memoryview(obj.body)[start:end]
+        block = _with_content_range(block, start, end, length)
+        return self.send_stored(ex, 206, block, part, outcome)
 
     def send_without_body(
         self, ex: Exchange, status: int, fields: list[tuple[str, str]], tail: bytes, outcome: str
@@ -494,8 +521,10 @@ class EdgeProxy:
                 fhead = await fill.head
             except OriginError as e:
                 if stale is not None and self._stale_if_error(req, stale):
-                    self.deliver_hit(ex, stale, stale.age(time.time()), "stale",
-                                     fwd="stale", detail="stale-if-error")
+                    await _completed(self.deliver_hit(
+                        ex, stale, stale.age(time.time()), "stale", fwd="stale",
+                        detail="stale-if-error",
+                    ))
                 else:
                     self.synth(ex, e.status, e.reason, "error", fwd=fwd)
                 return
@@ -505,8 +534,9 @@ class EdgeProxy:
                 if not collapsed or policy.vary_values(
                     obj.vary_names, ex.head.headers
                 ) == obj.vary_values:
-                    self.deliver_hit(ex, obj, obj.age(time.time()), "revalidated",
-                                     fwd=fwd, fwd_status=304)
+                    await _completed(self.deliver_hit(
+                        ex, obj, obj.age(time.time()), "revalidated", fwd=fwd, fwd_status=304
+                    ))
                     return
                 reader.close()
                 await self.miss(ex, domain, key, rule, req, "miss", stale=stale)
@@ -516,8 +546,10 @@ class EdgeProxy:
                 await self.miss(ex, domain, key, rule, req, "miss", stale=stale)
                 return
             if fhead.status >= 500 and stale is not None and self._stale_if_error(req, stale):
-                self.deliver_hit(ex, stale, stale.age(time.time()), "stale", fwd="stale",
-                                 fwd_status=fhead.status, detail="stale-if-error")
+                await _completed(self.deliver_hit(
+                    ex, stale, stale.age(time.time()), "stale", fwd="stale",
+                    fwd_status=fhead.status, detail="stale-if-error",
+                ))
                 return
             await self._stream_fill(ex, fhead, reader, fwd, collapsed)
         except FillError:
@@ -711,6 +743,11 @@ def _origin_fields(resp: aiohttp.ClientResponse, now: float) -> list[tuple[str, 
     if not any(name.lower() == "date" for name, _ in fields):
         fields.append(("Date", policy.format_http_date(now)))
     return fields
+
+
+async def _completed(pending: Awaitable[None] | None) -> None:
+    if pending is not None:
+        await pending
 
 
 def _with_content_range(block: bytes, start: int, end: int, length: int) -> bytes:

@@ -229,7 +229,7 @@ class Exchange:
             return b"Connection: keep-alive\r\n"
         return b""
 
-    def send(self, status: int, head_block: bytes, body: bytes) -> None:
+    def send(self, status: int, head_block: bytes, body: bytes | memoryview) -> None:
         """Send a whole response: status line + `head_block` (field lines) + body, then finish.
 
         `head_block` must carry Content-Length; for HEAD the body is not sent.

@@ -50,6 +50,8 @@ class EdgeWorker:
             self.proxy,
             max_header_bytes=config.edge.max_header_bytes,
             keepalive_timeout=config.edge.keepalive_timeout,
+            head_timeout=config.edge.request_head_timeout,
+            send_timeout=config.edge.send_timeout,
         )
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(StatsCollector(self.stats, self.store))

@@ -69,6 +69,8 @@ workers = 4
 state_dir = "/srv/edge"
 max_header_bytes = "32KiB"
 keepalive_timeout = 10
+request_head_timeout = 5
+send_timeout = 20.5
 edge_id = "fra-1.edge"
 
 [cache]
@@ -116,6 +118,8 @@ def test_full_config_round_trip() -> None:
             state_dir="/srv/edge",
             max_header_bytes=32768,
             keepalive_timeout=10.0,
+            request_head_timeout=5.0,
+            send_timeout=20.5,
             edge_id="fra-1.edge",
         ),
         cache=CacheSettings(memory=2**30, max_object=64 * 2**20),
@@ -327,6 +331,14 @@ def test_unknown_keys(text: str, expected: str) -> None:
         (
             "[edge]\nkeepalive_timeout = 0\n" + MINIMAL_DOMAIN,
             "cfg.toml: edge.keepalive_timeout: 0 is not a positive number of seconds",
+        ),
+        (
+            "[edge]\nsend_timeout = -1\n" + MINIMAL_DOMAIN,
+            "cfg.toml: edge.send_timeout: -1 is not a positive number of seconds",
+        ),
+        (
+            "[edge]\nrequest_head_timeout = \"5s\"\n" + MINIMAL_DOMAIN,
+            "cfg.toml: edge.request_head_timeout: expected seconds as a number, got string \"5s\"",
         ),
         (
             "[origin]\nconnect_timeout = nan\n" + MINIMAL_DOMAIN,
