@@ -372,6 +372,12 @@ class HttpConnection(asyncio.Protocol):
         self._paused = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        if self._exchange is None and not self.closed:
+            # Pipelined requests waited for the client to read what it was sent.
+            self._process()
+            if self._exchange is None and self._reading_paused and not self._paused:
+                self._reading_paused = False
+                self._transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = CLOCK.now
@@ -387,8 +393,11 @@ class HttpConnection(asyncio.Protocol):
             self.head_started = CLOCK.now
         if self._exchange is None:
             self._process()
-        elif len(self._buf) > self._server.max_header_bytes:
-            # Pipelined requests wait behind the one in progress: buffer a bounded amount.
+        if (self._exchange is not None or self._paused) and len(
+            self._buf
+        ) > self._server.max_header_bytes:
+            # Pipelined requests wait behind the one in progress, or for the client to read
+            # its answers: buffer a bounded amount.
             self._pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -404,7 +413,9 @@ class HttpConnection(asyncio.Protocol):
     # request loop ----------------------------------------------------------------------
     def _process(self) -> None:
         server = self._server
-        while self._exchange is None and self._buf and not self.closed:
+        # Answers wait while the client does not read them (`_paused`): pipelined hits must not
+        # pile up in the transport's buffer.
+        while self._exchange is None and self._buf and not self.closed and not self._paused:
             buf = self._buf
             end = find_head_end(buf)
             if end < 0:
@@ -486,7 +497,7 @@ class HttpConnection(asyncio.Protocol):
         if not exchange.keep_alive or self.closing:
             self.close()
             return
-        if self._reading_paused and not self.closed:
+        if self._reading_paused and not self.closed and not self._paused:
             self._reading_paused = False
             self._transport.resume_reading()  # type: ignore[union-attr]
         if self.eof and find_head_end(self._buf) < 0:

@@ -344,6 +344,43 @@ async def test_options_asterisk_is_answered_by_the_edge(
     assert resp.body == b""
 
 
+async def test_pipelined_hits_wait_for_a_client_that_does_not_read(
+    make_origin: OriginFactory, make_edge: EdgeFactory
+) -> None:
+    """Answers to pipelined requests must not pile up in the edge while the client reads none."""
+    obj = os.urandom(60_000)
+
+    async def stored(request: web.Request) -> web.Response:
+        return web.Response(body=obj, headers={"Cache-Control": "max-age=600"})
+
+    _origin, edge = await edge_with(make_origin, make_edge, routes={"/obj": stored})
+    await (await Client.open(edge.port)).send(get("/obj", "Connection: close"))  # store it
+    await asyncio.sleep(0.2)
+    count = 300  # 18 MB of answers for 20 KB of requests
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", edge.port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, get("/obj") * count)
+        await asyncio.sleep(1.0)
+        buffered = max(
+            conn._transport.get_write_buffer_size()  # type: ignore[union-attr]
+            for conn in server_of(edge).connections
+        )
+        assert buffered < 2 << 20, f"{buffered} bytes of answers buffered in the edge"
+        # Reading resumes the answers; every one arrives intact and in order.
+        reader = asyncio.StreamReader(limit=1 << 20)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        await loop.connect_accepted_socket(lambda: protocol, sock)
+        for _ in range(count):
+            resp = await asyncio.wait_for(read_response(reader), 10)
+            assert resp.status == 200 and resp.body == obj
+    finally:
+        sock.close()
+
+
 # --- HTTP/1.0 -----------------------------------------------------------------------------------
 
 
