@@ -56,6 +56,7 @@ class Fill:
         self.done = False
         self.error: BaseException | None = None
         self.waiters = 0  # clients that joined this fill (collapsed)
+        self.invalidated = False  # an unsafe request changed the resource: do not store
         self._chunks: list[bytes] = []
         self._starts: list[int] = []
         self._base = 0  # offset of the first retained byte

@@ -52,6 +52,8 @@ CONDITIONAL_FIELDS = frozenset(
 FILL_DROPS = frozenset(
     {"range", "if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since"}
 )
+# Client fields the edge sets itself (Host, X-Forwarded-For, Via) or re-frames (the body).
+NOT_FORWARDED = frozenset({"host", "x-forwarded-for", "via", "content-length", "expect"})
 # Fields replayed in a 304 (RFC 9110 15.4.5).
 NOT_MODIFIED_FIELDS = frozenset(
     {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
@@ -256,9 +258,13 @@ class EdgeProxy:
         fwd: str,
         *,
         stale: CachedObject | None,
+        busy_key: str | None = None,
     ) -> Awaitable[None]:
+        """Join the fetch in flight for this key, or start one. `busy_key` names the fetch
+        when it must be told apart from the URI's (one per Vary variant)."""
+        busy_key = busy_key or key
         coalesce = fwd != "miss" and not req.no_store
-        fill = self.busy.get(key) if coalesce else None
+        fill = self.busy.get(busy_key) if coalesce else None
         collapsed = fill is not None and fill.can_join()
         if collapsed:
             assert fill is not None
@@ -266,7 +272,8 @@ class EdgeProxy:
             self.stats.coalesced_waits += 1
         else:
             fill = self.start_fill(
-                domain, key, rule, ex, stale=stale, register=coalesce, store=not req.no_store
+                domain, key, rule, ex, stale=stale, register=coalesce, store=not req.no_store,
+                busy_key=busy_key,
             )
         return self.deliver_fill(ex, domain, key, rule, req, fwd, fill, collapsed, stale)
 
@@ -280,10 +287,11 @@ class EdgeProxy:
         stale: CachedObject | None,
         register: bool,
         store: bool,
+        busy_key: str | None = None,
     ) -> Fill:
-        fill = Fill(key, ex.head.headers)
+        fill = Fill(busy_key or key, ex.head.headers)
         if register:
-            self.busy[key] = fill
+            self.busy[fill.key] = fill
         headers = self.forward_headers(domain, ex, for_fill=True)
         if stale is not None:
             for name, value in policy.validation_headers(stale.headers).items():
@@ -338,7 +346,7 @@ class EdgeProxy:
         finally:
             if resp is not None:
                 resp.close()
-            self._release(key, fill)
+            self._release(fill)
             if not fill.done:  # cancelled: waiters must not wait forever
                 fill.fail(FillError("fill cancelled"))
 
@@ -366,8 +374,15 @@ class EdgeProxy:
                 key, stale.status, merged, stale.body, rule, request_fields, request_time,
                 response_time,
             )
-            if obj is not None and store:
-                self.store.put(obj)
+            # The 304's fields may have made the response unstorable (no-store, private).
+            merged_reason = self._unstorable(
+                stale.status, request_fields, policy.combine_fields(merged), rule
+            )
+            if store and not fill.invalidated:
+                if obj is not None and merged_reason is None:
+                    self.store.put(obj)
+                else:
+                    self.store.remove(key)
             fill.set_head(
                 FillHead(status, fields, headers, 0, True, True, None, 0.0, response_time, (),
                          revalidated=obj or stale)
@@ -375,13 +390,13 @@ class EdgeProxy:
             fill.finish()
             return
         reason = self._unstorable(status, request_fields, headers, rule) if store else "request"
-        content_length = resp.content_length
+        content_length = _body_length("GET", resp)
         max_object = self.config.cache.max_object
         if reason is None and content_length is not None and content_length > max_object:
             reason = "too-big"
         shareable = reason is None or reason == "too-big"
         if not shareable:
-            self._release(key, fill)
+            self._release(fill)
             # Not for 5xx: a transient origin error must not disable coalescing for the
             # herd that follows its recovery.
             if reason not in ("request", "authorization") and status < 500:
@@ -421,7 +436,7 @@ class EdgeProxy:
                 await fill.wait_for_space()
         if content_length is not None and fill.size != content_length:
             raise FillError(f"origin sent {fill.size} of {content_length} bytes")
-        if reason is None:
+        if reason is None and not fill.invalidated:
             obj = self._stored_object(
                 key, status, fields, fill.body(), rule, request_fields, request_time,
                 response_time,
@@ -493,9 +508,9 @@ class EdgeProxy:
             ),
         )
 
-    def _release(self, key: str, fill: Fill) -> None:
-        if self.busy.get(key) is fill:
-            del self.busy[key]
+    def _release(self, fill: Fill) -> None:
+        if self.busy.get(fill.key) is fill:
+            del self.busy[fill.key]
 
     # deliver from a fill --------------------------------------------------------------
     async def deliver_fill(
@@ -543,7 +558,14 @@ class EdgeProxy:
                 return
             if collapsed and not self._may_share(fhead, fill, ex):
                 reader.close()
-                await self.miss(ex, domain, key, rule, req, "miss", stale=stale)
+                variant = self._variant_busy_key(fhead, key, ex)
+                if variant is not None and variant != fill.key:
+                    # Another variant of the URI: coalesce with the clients that want it.
+                    await self.miss(
+                        ex, domain, key, rule, req, "vary-miss", stale=stale, busy_key=variant
+                    )
+                else:
+                    await self.miss(ex, domain, key, rule, req, "miss", stale=stale)
                 return
             if fhead.status >= 500 and stale is not None and self._stale_if_error(req, stale):
                 await _completed(self.deliver_hit(
@@ -575,6 +597,14 @@ class EdgeProxy:
         return policy.vary_values(names, ex.head.headers) == policy.vary_values(
             names, fill.request_fields
         )
+
+    @staticmethod
+    def _variant_busy_key(fhead: FillHead, key: str, ex: Exchange) -> str | None:
+        """The in-flight fetch name for this request's Vary variant; None when unshareable."""
+        if not fhead.shareable or not fhead.vary_names:
+            return None
+        values = policy.vary_values(fhead.vary_names, ex.head.headers)
+        return "\n".join((key, *values))  # field values never hold a newline
 
     def _stale_if_error(self, req: RequestDirectives, stale: CachedObject) -> bool:
         age = stale.age(time.time())
@@ -654,10 +684,11 @@ class EdgeProxy:
                 self.invalidate(domain, head.target, fields)
             status_value = policy.cache_status(fwd=fwd, fwd_status=resp.status)
             via = policy.combine_fields(fields).get("via")
-            length = resp.content_length if head.method != "HEAD" else None
+            length = _body_length(head.method, resp)
             block = replay_block(fields, via, length)
-            if head.method == "HEAD":
-                # The origin's Content-Length describes the GET body: pass it on unchanged.
+            if head.method == "HEAD" or resp.status == 304:
+                # No body follows; the origin's Content-Length describes the selected
+                # representation (RFC 9110 8.6): pass it on unchanged.
                 block += "".join(
                     f"Content-Length: {v}\r\n" for n, v in fields if n.lower() == "content-length"
                 ).encode("latin-1")
@@ -686,13 +717,19 @@ class EdgeProxy:
     ) -> None:
         """RFC 9111 4.4: the target URI, and same-host Location / Content-Location."""
         path, _, query = target.decode("ascii").partition("?")
-        self.store.remove(cache_key(domain, normalize_path(path), query))
+        keys = [cache_key(domain, normalize_path(path), query)]
         for name, value in fields:
             if name.lower() in ("location", "content-location"):
                 same_host = _same_host_path(value, domain.name)
                 if same_host is not None:
                     p, _, q = same_host.partition("#")[0].partition("?")
-                    self.store.remove(cache_key(domain, normalize_path(p), q))
+                    keys.append(cache_key(domain, normalize_path(p), q))
+        for key in keys:
+            self.store.remove(key)
+            # A fetch already in flight carries the response from before the change: let it
+            # finish for its clients, but neither store it nor let new clients join it.
+            for busy_key in [k for k in self.busy if k == key or k.startswith(key + "\n")]:
+                self.busy.pop(busy_key).invalidated = True
 
     # helpers -------------------------------------------------------------------------
     def forward_headers(
@@ -702,10 +739,16 @@ class EdgeProxy:
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in policy.strip_hop_by_hop(head.fields):
             lname = name.lower()
-            if lname in ("host", "x-forwarded-for", "via") or (for_fill and lname in FILL_DROPS):
+            if lname in NOT_FORWARDED or (for_fill and lname in FILL_DROPS):
                 continue
             out.add(name, value)
-        out["Host"] = domain.origin_host or head.host
+        if ex.has_body and not for_fill and not head.chunked:
+            # The framing the edge parsed, not the client's field: a fill sends no body at
+            # all, and a body-less request must not announce one (request smuggling).
+            out["Content-Length"] = str(head.content_length)
+        # The domain's canonical name, not the client's spelling (port, case, trailing dot):
+        # the cache key ignores those, so an origin that echoes Host must not see them.
+        out["Host"] = domain.origin_host or domain.name
         xff = head.headers.get("x-forwarded-for")
         out["X-Forwarded-For"] = f"{xff}, {ex.peer}" if xff else ex.peer
         via = head.headers.get("via")
@@ -743,6 +786,13 @@ def _origin_fields(resp: aiohttp.ClientResponse, now: float) -> list[tuple[str, 
     if not any(name.lower() == "date" for name, _ in fields):
         fields.append(("Date", policy.format_http_date(now)))
     return fields
+
+
+def _body_length(method: str, resp: aiohttp.ClientResponse) -> int | None:
+    """Body bytes that follow a response head, when known (RFC 9112 6.3)."""
+    if method == "HEAD" or resp.status in (204, 304) or resp.status < 200:
+        return None
+    return resp.content_length
 
 
 async def _completed(pending: Awaitable[None] | None) -> None:

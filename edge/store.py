@@ -70,7 +70,9 @@ class CachedObject:
         )
 
     def build_out_block(self) -> None:
-        self.out_block = replay_block(self.fields, self.headers.get("via"), len(self.body))
+        # RFC 9110 8.6: no Content-Length on a 204.
+        length = None if self.status == 204 else len(self.body)
+        self.out_block = replay_block(self.fields, self.headers.get("via"), length)
         self.hit_age = -1
 
     @property

@@ -336,6 +336,50 @@ async def test_stale_revalidation_304_updates_stored_headers(make_origin, make_e
     assert route.full == 1 and route.not_modified == 1
 
 
+async def test_304_that_forbids_storing_drops_the_stored_response(
+    make_origin, make_edge
+) -> None:
+    route = Validating(
+        cc="max-age=1",
+        extra={"Age": "5"},  # stale on arrival
+        not_modified_extra={"Cache-Control": "no-store"},
+    )
+    _, edge = await setup(make_origin, make_edge, {"/v": route})
+    await get(edge, "/v")
+    revalidated = await get(edge, "/v")
+    assert revalidated.body == route.body and cs_params(revalidated)["fwd-status"] == "304"
+    again = await get(edge, "/v")
+    assert cs_params(again)["fwd"] == "uri-miss"  # nothing stored any more
+    assert route.full == 2
+
+
+async def test_pass_of_304_with_content_length_keeps_the_connection(make_edge) -> None:
+    """RFC 9110 8.6: a 304 may carry the representation's Content-Length; no body follows."""
+
+    async def not_modified(reader: Any, writer: Any, head: bytes) -> None:
+        writer.write(raw_response(304, [("ETag", '"e"'), ("Content-Length", "1234")], b""))
+        await writer.drain()
+
+    extra = '[[domains.rules]]\nprefix = ["/api/"]\nttl = 0'
+    async with raw_origin(not_modified) as origin:
+        edge = await make_edge([origin.url], domain_extra=extra)
+        request = f"GET /api/n HTTP/1.1\r\nHost: {HOST}\r\nIf-None-Match: \"e\"\r\n\r\n"
+        both = await exchange(edge.port, request.encode() * 2, count=2)
+        assert [r.status for r in both] == [304, 304]
+        assert both[0].header("content-length") == "1234" and both[0].body == b""
+
+
+async def test_204_carries_no_content_length(make_origin, make_edge) -> None:
+    async def empty(req: web.Request) -> web.Response:
+        return web.Response(status=204, headers={"Cache-Control": "max-age=60"})
+
+    _, edge = await setup(make_origin, make_edge, {"/e": empty})
+    miss = await get(edge, "/e")
+    hit = await get(edge, "/e")
+    assert miss.status == hit.status == 204 and cs_params(hit).get("hit") is True
+    assert miss.header("content-length") is None and hit.header("content-length") is None
+
+
 async def test_response_no_cache_is_revalidated_on_every_use(make_origin, make_edge) -> None:
     route = Validating(cc="no-cache, max-age=60")
     _, edge = await setup(make_origin, make_edge, {"/n": route})
