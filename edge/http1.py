@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 # RFC 9110 5.6.2 tchar
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-# RFC 9110 5.5: field values may hold VCHAR, obs-text, SP and HTAB, never CR, LF or NUL.
-_BAD_VALUE_BYTES = (b"\r", b"\n", b"\x00")
 # Visible ASCII only in the request-target (RFC 3986 characters; RFC 9112 3.2).
 _TARGET_OK = frozenset(range(0x21, 0x7F))
 
@@ -97,7 +95,13 @@ def parse_head(raw: bytes) -> RequestHead:
     first = raw[:1]
     if first == b"\r" or first == b"\n":
         raw = raw[skip_empty_lines(raw) :]
-    lines = raw[:-4].split(b"\r\n")
+    text = raw[:-4]
+    # RFC 9110 5.5: no CR, LF or NUL inside a line. Checked once for the whole head: every CR
+    # and every LF must belong to a CRLF line break.
+    crlf = text.count(b"\r\n")
+    if b"\x00" in text or text.count(b"\r") != crlf or text.count(b"\n") != crlf:
+        raise BadRequest("invalid character in request head")
+    lines = text.split(b"\r\n")
     request_line = lines[0]
     parts = request_line.split(b" ")
     if len(parts) != 3:
@@ -128,8 +132,6 @@ def parse_head(raw: bytes) -> RequestHead:
             # Also catches obs-fold (leading SP/HTAB) and "Name :" (RFC 9112 5.1, 5.2).
             raise BadRequest("malformed header field")
         value_b = value_b.strip(b" \t")
-        if any(bad in value_b for bad in _BAD_VALUE_BYTES):
-            raise BadRequest("invalid character in header value")
         name = name_b.decode("ascii")
         value = value_b.decode("latin-1")
         fields.append((name, value))

@@ -169,7 +169,9 @@ class EdgeProxy:
         head = ex.head
         fields = head.headers
         age_s = int(age)
-        if outcome == "hit" and detail is None and obj.hit_age == age_s:
+        # Plain hits reuse the head built for this age second (Age and ttl change per second).
+        memo = outcome == "hit" and detail is None
+        if memo and obj.hit_age == age_s:
             tail = obj.hit_tail
         else:
             status_value = policy.cache_status(
@@ -177,8 +179,8 @@ class EdgeProxy:
                 detail=detail,
             )
             tail = f"Age: {age_s}\r\nCache-Status: {status_value}\r\n".encode()
-            if outcome == "hit" and detail is None:
-                obj.hit_age, obj.hit_tail = age_s, tail
+            if memo:
+                obj.hit_age, obj.hit_tail, obj.hit_block = age_s, tail, obj.out_block + tail
         if 200 <= obj.status < 300 and not CONDITIONAL_FIELDS.isdisjoint(fields):
             status = policy.evaluate_conditional(head.method, fields, obj.headers)
             if status is not None:
@@ -186,7 +188,8 @@ class EdgeProxy:
                 return None
         if "range" in fields and obj.status == 200:
             return self.deliver_range(ex, obj, tail, outcome)
-        return self.send_stored(ex, obj.status, obj.out_block + tail, obj.body, outcome)
+        block = obj.hit_block if memo else obj.out_block + tail
+        return self.send_stored(ex, obj.status, block, obj.body, outcome)
 
     def send_stored(
         self, ex: Exchange, status: int, block: bytes, body: bytes | memoryview, outcome: str

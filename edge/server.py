@@ -181,7 +181,6 @@ class Exchange:
         "keep_alive",
         "method",
         "no_body",
-        "started",
         "status",
     )
 
@@ -191,7 +190,6 @@ class Exchange:
         self.method = head.method
         self.keep_alive = head.keep_alive
         self.no_body = head.method == "HEAD"
-        self.started = time.monotonic()
         self.status = 0
         self.headers_sent = False
         self.finished = False
@@ -236,17 +234,22 @@ class Exchange:
         """
         self.status = status
         self.headers_sent = True
-        head = status_line(status) + head_block + self._connection_field() + b"\r\n"
+        parts = (status_line(status), head_block, self._connection_field(), b"\r\n")
         if self.no_body or not body:
-            self._conn.write(head)
+            data = b"".join(parts)
+            self._conn.write(data)
+            self.bytes_sent = len(data)
         elif len(body) <= SMALL_BODY:
-            self._conn.write(head + body)  # one buffer, one send()
+            data = b"".join((*parts, body))  # one buffer, one send()
+            self._conn.write(data)
             self.body_bytes_sent = len(body)
+            self.bytes_sent = len(data)
         else:
+            head = b"".join(parts)
             self._conn.write(head)  # no copy of a large body
             self._conn.write(body)
             self.body_bytes_sent = len(body)
-        self.bytes_sent = len(head) + self.body_bytes_sent
+            self.bytes_sent = len(head) + len(body)
         self.finish()
 
     def start(self, status: int, head_block: bytes, content_length: int | None) -> None:

@@ -56,6 +56,7 @@ class CachedObject:
     out_block: bytes = b""  # prebuilt response field lines, without Age and Cache-Status
     hit_age: int = -1  # memo of the last hit head, valid for one age second
     hit_tail: bytes = b""
+    hit_block: bytes = b""  # out_block + hit_tail
     # Wall time until which the object is fresh for a request without directives (the hit
     # path's shortcut for RFC 9111 4.2: lifetime > current age); -inf when it must always be
     # validated.
