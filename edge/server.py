@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,6 +54,9 @@ REASONS = {
 }
 
 BODY_HIGH_WATER = 1 << 20  # pause reading a request body past this much unread data
+SENDFILE_FALLBACK_CHUNK = 256 << 10
+# sendfile(2) refusals that mean "not for this pair of descriptors": copy instead.
+_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK})
 SMALL_BODY = 1 << 16  # `Exchange.send` joins head and body into one write up to this size
 
 
@@ -287,6 +292,52 @@ class Exchange:
         self.bytes_sent += n
         self.body_bytes_sent += n
         await self._conn.drain()
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        """Send `count` body bytes of file `fd` from `offset`, zero-copy with sendfile(2).
+
+        Also under uvloop, which has no loop.sendfile (LIBRARIES.md): the transport is drained
+        first, then os.sendfile writes to (a duplicate of) the socket's descriptor, waiting for
+        writability between calls. Falls back to pread and write where sendfile cannot be used
+        (a chunked response, an fd type the kernel refuses). Counts bytes as they go, so an
+        aborted transfer is accounted for what it really sent.
+        """
+        if self.no_body or count <= 0:
+            return
+        conn = self._conn
+        if not self._chunked:
+            sock_fd = await conn.drained_socket_fd()
+            if sock_fd is not None:
+                try:
+                    while count:
+                        try:
+                            sent = os.sendfile(sock_fd, fd, offset, count)
+                        except BlockingIOError:
+                            await conn.wait_writable(sock_fd)
+                            continue
+                        except (BrokenPipeError, ConnectionResetError):
+                            conn.abort()
+                            raise ClientGone("client closed") from None
+                        except OSError as e:
+                            if e.errno not in _NO_SENDFILE:
+                                raise
+                            break  # not for this fd: fall back below for the rest
+                        if sent == 0:
+                            raise OSError(errno.EIO, "file shorter than its stored length")
+                        offset += sent
+                        count -= sent
+                        self.bytes_sent += sent
+                        self.body_bytes_sent += sent
+                        conn.last_activity = CLOCK.now
+                finally:
+                    os.close(sock_fd)
+        while count:
+            piece = os.pread(fd, min(count, SENDFILE_FALLBACK_CHUNK), offset)
+            if not piece:
+                raise OSError(errno.EIO, "file shorter than its stored length")
+            await self.write(piece)
+            offset += len(piece)
+            count -= len(piece)
 
     def finish(self) -> None:
         if self.finished:
@@ -552,6 +603,44 @@ class HttpConnection(asyncio.Protocol):
     def write(self, data: bytes | memoryview) -> None:
         if not self.closed:
             self._transport.write(data)  # type: ignore[union-attr]
+
+    async def drained_socket_fd(self) -> int | None:
+        """A duplicate of the socket's descriptor once everything written before went out.
+
+        A duplicate, because the transport owns the original: the event loop refuses a second
+        watcher on it, and the transport closes it on its own schedule.
+        """
+        transport = self._transport
+        if transport is None or self.closed:
+            raise ClientGone("client closed")
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        while transport.get_write_buffer_size():
+            await self.drain()
+            await asyncio.sleep(0.001)  # the buffer drains below the low-water mark first
+            if self.closed:
+                raise ClientGone("client closed")
+        return os.dup(sock.fileno())
+
+    async def wait_writable(self, fd: int) -> None:
+        """Wait until the socket accepts more bytes; the send timeout applies meanwhile."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._paused = True  # for the sweeper's send timeout
+        self._paused_at = CLOCK.now
+        self._drain = waiter
+
+        def writable() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        loop.add_writer(fd, writable)
+        try:
+            await waiter
+        finally:
+            loop.remove_writer(fd)
+            self._paused = False
 
     async def drain(self) -> None:
         if self.closed:
