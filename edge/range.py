@@ -62,3 +62,43 @@ def if_range_allows(if_range: str, stored: Headers) -> bool:
     date = parse_http_date(value)
     last_modified = parse_http_date(stored.get("last-modified"))
     return date is not None and last_modified is not None and date == last_modified
+
+
+MAX_RANGES = 32  # more in one request is answered with the whole body (RFC 9110 14.2 allows it)
+
+
+def coalesce_ranges(ranges: list[ByteRange]) -> list[ByteRange] | None:
+    """Ranges sorted, overlapping or touching ones merged (RFC 9110 14.2 lets a server do so),
+    or None when there are too many to be worth a multipart answer."""
+    if len(ranges) > MAX_RANGES:
+        return None
+    merged: list[ByteRange] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def multipart_parts(
+    ranges: list[ByteRange], length: int, content_type: str | None, boundary: str
+) -> tuple[list[tuple[bytes, int, int]], bytes]:
+    """The layout of a multipart/byteranges body. RFC 9110 14.6.
+
+    Returns, per range, the part's head (delimiter and fields) with its [start, end) in the
+    representation, and the closing delimiter; the body is each head followed by its bytes,
+    then the closing delimiter.
+    """
+    parts = []
+    for start, end in ranges:
+        head = f"\r\n--{boundary}\r\n"
+        if content_type:
+            head += f"Content-Type: {content_type}\r\n"
+        head += f"Content-Range: bytes {start}-{end - 1}/{length}\r\n\r\n"
+        parts.append((head.encode("latin-1"), start, end))
+    return parts, f"\r\n--{boundary}--\r\n".encode("latin-1")
+
+
+def multipart_length(parts: list[tuple[bytes, int, int]], closing: bytes) -> int:
+    return sum(len(head) + end - start for head, start, end in parts) + len(closing)

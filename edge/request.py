@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -36,7 +37,7 @@ from edge.fetch import OriginClient, OriginError
 from edge.fill import Fill, FillError, FillHead, FillReader
 from edge.metrics import EdgeStats
 from edge.policy import RequestDirectives, ResponseDirectives
-from edge.range import if_range_allows, parse_range
+from edge.range import coalesce_ranges, if_range_allows, multipart_parts, parse_range
 from edge.server import ClientGone, Exchange, synth_fields
 from edge.store import VIA, CachedObject, MemoryTier, replay_block
 
@@ -218,7 +219,8 @@ class EdgeProxy:
     def deliver_range(
         self, ex: Exchange, obj: CachedObject, tail: bytes, outcome: str
     ) -> Awaitable[None] | None:
-        """Single byte range from a stored body (RFC 9110 14); multiple ranges get the whole."""
+        """Byte ranges from a stored body (RFC 9110 14): one range as a 206 with Content-Range,
+        several as multipart/byteranges (14.6), too many as the whole 200."""
         fields = ex.head.headers
         block = obj.out_block + tail
         length = len(obj.body)
@@ -230,9 +232,25 @@ class EdgeProxy:
             body = b"range not satisfiable\n"
             extra = f"Content-Range: bytes */{length}\r\n".encode()
             return self.send_stored(ex, 416, synth_fields(len(body)) + extra + tail, body, outcome)
-        if len(ranges) > 1:
+        coalesced = coalesce_ranges(ranges)
+        if coalesced is None:
             return self.send_stored(ex, obj.status, block, obj.body, outcome)
-        start, end = ranges[0]
+        if len(coalesced) > 1:
+            boundary = secrets.token_hex(12)
+            parts, closing = multipart_parts(
+                coalesced, length, obj.headers.get("content-type"), boundary
+            )
+            view = memoryview(obj.body)
+            multipart = b"".join([piece for head, s, e in parts for piece in (head, view[s:e])])
+            multipart += closing
+            kept = [(n, v) for n, v in obj.fields if n.lower() != "content-type"]
+            block = (
+                replay_block(kept, obj.headers.get("via"), len(multipart))
+                + f"Content-Type: multipart/byteranges; boundary={boundary}\r\n".encode()
+                + tail
+            )
+            return self.send_stored(ex, 206, block, multipart, outcome)
+        start, end = coalesced[0]
         part = memoryview(obj.body)[start:end]
         block = _with_content_range(block, start, end, length)
         return self.send_stored(ex, 206, block, part, outcome)

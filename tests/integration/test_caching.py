@@ -1027,7 +1027,8 @@ RANGE_HEADERS = {"Cache-Control": "max-age=60", "ETag": '"r1"', "Last-Modified":
         ({"Range": "bytes=1000-"}, 206, RANGE_BODY[1000:], "bytes 1000-1023/1024"),
         ({"Range": "bytes=1000-5000"}, 206, RANGE_BODY[1000:], "bytes 1000-1023/1024"),
         ({"Range": "bytes=2000-"}, 416, None, "bytes */1024"),
-        ({"Range": "bytes=0-1, 5-6"}, 200, RANGE_BODY, None),
+        ({"Range": "bytes=0-5, 3-9"}, 206, RANGE_BODY[:10], "bytes 0-9/1024"),  # merged
+        ({"Range": ",".join(f"{i}-{i}" for i in range(0, 200, 2))}, 200, RANGE_BODY, None),
         ({"Range": "items=0-1"}, 200, RANGE_BODY, None),
         ({"Range": "bytes=5-1"}, 200, RANGE_BODY, None),
         ({"Range": "bytes=0-9", "If-Range": '"r1"'}, 206, RANGE_BODY[:10], "bytes 0-9/1024"),
@@ -1059,6 +1060,31 @@ async def test_range_on_stored_object(
     else:
         assert b"Traceback" not in resp.body
     assert origin.hits["/r"] == 1
+
+
+async def test_several_ranges_of_a_stored_object_are_multipart_byteranges(
+    make_origin, make_edge
+) -> None:
+    headers = {**RANGE_HEADERS, "Content-Type": "video/mp4"}
+    _, edge = await setup(make_origin, make_edge, {"/r": fixed(RANGE_BODY, headers)})
+    await get(edge, "/r")
+    resp = await get(edge, "/r", {"Range": "bytes=0-1, 1000-, -2"})
+    assert resp.status == 206 and resp.header("content-range") is None
+    content_type = resp.header("content-type") or ""
+    assert content_type.startswith("multipart/byteranges; boundary=")
+    boundary = content_type.split("boundary=")[1].encode()
+    assert resp.header("content-length") == str(len(resp.body))
+    # RFC 9110 14.6: each part names its range; "1000-" and "-2" overlap and are merged.
+    chunks = resp.body.split(b"--" + boundary)
+    assert chunks[-1] == b"--\r\n"
+    parts = chunks[1:-1]
+    assert len(parts) == 2
+    heads = [p.split(b"\r\n\r\n", 1) for p in parts]
+    assert b"Content-Range: bytes 0-1/1024" in heads[0][0]
+    assert b"Content-Type: video/mp4" in heads[0][0]
+    assert heads[0][1] == RANGE_BODY[:2] + b"\r\n"
+    assert b"Content-Range: bytes 1000-1023/1024" in heads[1][0]
+    assert heads[1][1] == RANGE_BODY[1000:] + b"\r\n"
 
 
 async def test_range_on_a_cold_object_while_it_fills(make_origin, make_edge) -> None:

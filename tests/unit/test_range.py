@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from edge.range import if_range_allows, parse_range
+from edge.range import (
+    coalesce_ranges,
+    if_range_allows,
+    multipart_length,
+    multipart_parts,
+    parse_range,
+)
 
 LM = "Mon, 01 Jan 2024 00:00:00 GMT"
 
@@ -61,3 +67,20 @@ def test_parse_range_empty_body_is_sent_whole() -> None:
 )
 def test_if_range(if_range: str, stored: dict[str, str], allowed: bool) -> None:
     assert if_range_allows(if_range, stored) is allowed
+
+
+def test_coalesce_sorts_and_merges_overlapping_and_touching_ranges() -> None:
+    assert coalesce_ranges([(50, 60), (0, 10), (5, 20), (20, 30)]) == [(0, 30), (50, 60)]
+    assert coalesce_ranges([(i, i + 1) for i in range(0, 200, 2)]) is None  # too many
+
+
+def test_multipart_layout_is_rfc_9110_14_6() -> None:
+    parts, closing = multipart_parts([(0, 2), (5, 7)], 10, "text/plain", "B")
+    body = b"0123456789"
+    wire = b"".join(head + body[s:e] for head, s, e in parts) + closing
+    assert wire == (
+        b"\r\n--B\r\nContent-Type: text/plain\r\nContent-Range: bytes 0-1/10\r\n\r\n01"
+        b"\r\n--B\r\nContent-Type: text/plain\r\nContent-Range: bytes 5-6/10\r\n\r\n56"
+        b"\r\n--B--\r\n"
+    )
+    assert multipart_length(parts, closing) == len(wire)
