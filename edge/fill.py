@@ -5,23 +5,43 @@ One fill task appends origin chunks to a `Fill`; each client reads it through it
 body and clients that arrive during the fetch stream from the same origin fetch (coalescing,
 as Varnish's busy objects and nginx's proxy_cache_lock).
 
-Memory: while the response may still be stored, every chunk is kept (it becomes the stored
-body, bounded by the object size limit). Once it cannot be stored (too big), chunks behind the
-slowest reader are dropped and the fill waits while it is more than `window` bytes ahead of
-that reader, so a 2 GiB pass-through stays within a few MiB.
+Memory: while the response is headed for the memory tier, every chunk is kept (it becomes the
+stored body, bounded by the object size limit). When it is spooled to a file (the disk tier),
+chunks are not kept: readers read the file (`os.pread`, from the page cache) at their own pace
+and the fill never waits for them. When it is neither (too big, or the disk failed), chunks
+behind the slowest reader are dropped and the fill waits while it is more than `window` bytes
+ahead of that reader, so a 2 GiB pass-through stays within a few MiB.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from bisect import bisect_right
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from edge.policy import Headers
 from edge.store import CachedObject
 
 WINDOW = 8 << 20
+SPOOL_READ = 256 << 10
+
+
+class Spool(Protocol):
+    """A file the body is also written to (the disk tier's writer)."""
+
+    @property
+    def fd(self) -> int:
+        """A descriptor the body can be read back through while it is written."""
+
+    @property
+    def body_offset(self) -> int:
+        """Where the body's first byte is in that file."""
+
+    def append(self, data: bytes) -> None:
+        """Write the next body bytes; raises OSError (or a subclass) when it cannot."""
 
 
 class FillError(Exception):
@@ -57,9 +77,12 @@ class Fill:
         self.error: BaseException | None = None
         self.waiters = 0  # clients that joined this fill (collapsed)
         self.invalidated = False  # an unsafe request changed the resource: do not store
+        self.spool: Spool | None = None
+        self.spooled = 0  # body bytes [0, spooled) are readable from the spool's file
+        self.spool_error: OSError | None = None
         self._chunks: list[bytes] = []
         self._starts: list[int] = []
-        self._base = 0  # offset of the first retained byte
+        self._base = 0  # offset of the first byte held in memory
         self._readers: set[FillReader] = set()
         self._wakeup: asyncio.Future[None] | None = None
         self._space: asyncio.Future[None] | None = None
@@ -69,10 +92,25 @@ class Fill:
         if not self.head.done():
             self.head.set_result(head)
 
+    def attach_spool(self, spool: Spool) -> None:
+        """Write the body to `spool` too (before the first append)."""
+        self.spool = spool
+
     def append(self, chunk: bytes) -> None:
-        self._starts.append(self.size)
-        self._chunks.append(chunk)
+        spool = self.spool
+        if spool is not None and self.spool_error is None:
+            try:
+                spool.append(chunk)
+                self.spooled += len(chunk)
+            except OSError as e:
+                # The disk failed: what is in the file stays readable; the rest lives in memory.
+                self.spool_error = e
+        if self.retain or self.spooled < self.size + len(chunk):
+            self._starts.append(self.size)
+            self._chunks.append(chunk)
         self.size += len(chunk)
+        if not self.retain:
+            self._trim()
         self._wake()
 
     def finish(self) -> None:
@@ -100,19 +138,24 @@ class Fill:
         return bool(self._readers)
 
     async def wait_for_space(self) -> None:
-        """Backpressure once not retaining: stay within `window` of the slowest reader."""
-        while not self.retain and self._readers and self.size - self._min_pos() > self.window:
+        """Backpressure for bytes held only in memory: stay within `window` of the slowest
+        reader. Spooled bytes never wait: readers read them from the file."""
+        while (
+            not self.retain
+            and self._readers
+            and self.size - max(self._min_pos(), self.spooled) > self.window
+        ):
             self._space = asyncio.get_running_loop().create_future()
             await self._space
 
     # reader side ---------------------------------------------------------------------
     def can_join(self) -> bool:
-        """A new client can read this fill from its first byte."""
-        return self.error is None and self._base == 0
+        """A new client can read this fill from its first byte (file, then memory)."""
+        return self.error is None and self._base <= self.spooled
 
     def reader(self) -> FillReader:
         """A cursor from byte 0; only while `can_join()` (nothing trimmed yet)."""
-        if self._base:
+        if self._base > self.spooled:
             raise FillError("fill no longer holds its first bytes")
         r = FillReader(self)
         self._readers.add(r)
@@ -130,6 +173,7 @@ class Fill:
         if self.retain or not self._chunks:
             return
         keep_from = self._min_pos() if self._readers else self.size
+        keep_from = max(keep_from, self.spooled)  # the file has those
         chunks, starts = self._chunks, self._starts
         n = 0
         while n < len(chunks) and starts[n] + len(chunks[n]) <= keep_from:
@@ -140,9 +184,14 @@ class Fill:
         self._base = starts[0] if starts else self.size
 
     def _chunk_at(self, pos: int) -> tuple[bytes, int]:
-        """The retained chunk holding offset `pos` and the offset within it."""
-        i = bisect_right(self._starts, pos) - 1
-        return self._chunks[i], pos - self._starts[i]
+        """Bytes from offset `pos` on: a chunk held in memory and the offset within it, or a
+        piece read back from the spool's file."""
+        if pos >= self._base and self._chunks:
+            i = bisect_right(self._starts, pos) - 1
+            return self._chunks[i], pos - self._starts[i]
+        assert self.spool is not None and pos < self.spooled
+        count = min(SPOOL_READ, self.spooled - pos)
+        return os.pread(self.spool.fd, count, self.spool.body_offset + pos), 0
 
     def _wake(self) -> None:
         w = self._wakeup

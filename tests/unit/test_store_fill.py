@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 
@@ -234,3 +236,65 @@ async def test_slow_and_fast_readers_of_an_unretained_fill() -> None:
 
     results = await asyncio.gather(collect(fast), slow_collect(), writer())
     assert results[0] == results[1] == data
+
+
+# ------------------------------------------------------------------------- spooled fills
+
+
+class FileSpool:
+    """A spool onto a real file, failing after `fail_after` bytes when asked to."""
+
+    def __init__(self, path: Path, fail_after: int | None = None) -> None:
+        self._write_fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(self._write_fd, b"HEADER")
+        self.fd = os.open(path, os.O_RDONLY)
+        self.body_offset = 6
+        self.written = 0
+        self.fail_after = fail_after
+
+    def append(self, data: bytes) -> None:
+        if self.fail_after is not None and self.written + len(data) > self.fail_after:
+            raise OSError(28, "No space left on device")
+        os.write(self._write_fd, data)
+        self.written += len(data)
+
+    def close(self) -> None:
+        os.close(self._write_fd)
+        os.close(self.fd)
+
+
+async def read_all(reader: FillReader) -> bytes:
+    return b"".join([bytes(piece) async for piece in reader])
+
+
+async def test_spooled_fill_keeps_nothing_in_memory_and_never_waits(tmp_path: Path) -> None:
+    spool = FileSpool(tmp_path / "obj")
+    fill = Fill("k", {}, window=1 << 20)
+    fill.attach_spool(spool)
+    fill.stop_retaining()
+    slow = fill.reader()  # reads nothing until the end: must not stall the fill
+    pieces = [os.urandom(256 << 10) for _ in range(40)]  # 10 MiB, 10x the window
+    for piece in pieces:
+        fill.append(piece)
+        await asyncio.wait_for(fill.wait_for_space(), 0.1)
+    fill.finish()
+    assert fill._chunks == []
+    late = fill.reader()  # joins after the fill: reads from the file from byte 0
+    assert fill.can_join()
+    assert await read_all(slow) == await read_all(late) == b"".join(pieces)
+    spool.close()
+
+
+async def test_disk_failure_mid_fill_loses_no_byte_for_readers(tmp_path: Path) -> None:
+    spool = FileSpool(tmp_path / "obj", fail_after=3 << 20)
+    fill = Fill("k", {}, window=8 << 20)
+    fill.attach_spool(spool)
+    fill.stop_retaining()
+    reader = fill.reader()
+    pieces = [os.urandom(1 << 20) for _ in range(6)]
+    for piece in pieces:
+        fill.append(piece)
+    fill.finish()
+    assert fill.spool_error is not None and fill.spooled == 3 << 20
+    assert await read_all(reader) == b"".join(pieces)  # 3 MiB from the file, 3 from memory
+    spool.close()
