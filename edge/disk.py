@@ -119,8 +119,16 @@ class ObjectMeta:
 
 
 def object_id(key: str, vary_values: tuple[str, ...] = ()) -> str:
-    """The file name of one variant: sha256 hex of the key and the Vary values, NUL-joined."""
-    return sha256("\0".join((key, *vary_values)).encode("utf-8", "surrogatepass")).hexdigest()
+    """The file name of one variant: sha256 hex of the key, and for a Vary variant a suffix
+    from its values, so that every variant of a key sits in one directory (`remove_key`)."""
+    primary = sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    if not vary_values:
+        return primary
+    values = "\0".join(vary_values).encode("utf-8", "surrogatepass")
+    return f"{primary}-{sha256(values).hexdigest()[:32]}"
+
+
+_ID_LENGTHS = (64, 64 + 1 + 32)
 
 
 def _encode_head(meta: ObjectMeta, body_length: int | None) -> bytes:
@@ -458,6 +466,16 @@ class DiskStore:
         self._forget(oid)
         return self._unlink(self._path(oid))
 
+    def remove_key(self, key: str) -> int:
+        """Purge every committed variant of a cache key; returns how many files went."""
+        primary = object_id(key)
+        removed = 0
+        for entry in _entries(str(self._path(primary).parent)):
+            name = entry.name
+            if (name == primary or name.startswith(primary + "-")) and len(name) in _ID_LENGTHS:
+                removed += self.remove(name)
+        return removed
+
     # --- budget -----------------------------------------------------------------------------
     @property
     def bytes_used(self) -> int:
@@ -520,7 +538,7 @@ class DiskStore:
             name = entry.name
             if name.endswith((".fill", ".tmp")):
                 step.stale += _remove_dead(Path(entry.path))
-            elif len(name) == 64:
+            elif len(name) in _ID_LENGTHS:
                 self._scan_object(Path(entry.path), step)
         return step if seen else None
 

@@ -674,3 +674,14 @@ def test_full_disk_mid_write(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     put(store, oid_of(99), b"the disk recovered")
     assert read_body(store, oid_of(99)) == b"the disk recovered"
     store.close()
+
+
+def test_remove_key_purges_every_variant_and_only_them(store: DiskStore) -> None:
+    key, other = "a.test/v", "a.test/w"
+    ids = [object_id(key), object_id(key, ("gzip",)), object_id(key, ("br",))]
+    assert all(i.startswith(ids[0]) for i in ids) and len(set(ids)) == 3
+    for oid in [*ids, object_id(other)]:
+        put(store, oid, b"body of " + oid.encode())
+    assert store.remove_key(key) == 3
+    assert all(store.lookup(oid) is None for oid in ids)
+    assert read_body(store, object_id(other)) == b"body of " + object_id(other).encode()
