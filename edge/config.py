@@ -120,8 +120,16 @@ class CacheSettings:
     """`[cache]`: sizes in bytes."""
 
     memory: int = 256 * 2**20
-    # Objects bigger than this pass through unstored (until a disk tier exists); <= memory.
-    max_object: int = 16 * 2**20
+    # Largest object also kept in memory; bigger ones live on disk only. <= memory.
+    memory_max_object: int = 2**20
+    disk: int = 10 * 2**30  # byte budget of the disk tier under state_dir/cache; 0 = no disk
+    # Largest object stored at all; bigger responses pass through unstored. <= disk. Without a
+    # disk tier, memory_max_object is the limit.
+    max_object: int = 4 * 2**30
+
+    @property
+    def largest_stored(self) -> int:
+        return self.max_object if self.disk else self.memory_max_object
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +138,8 @@ class EdgeSettings:
 
     listen: tuple[str, int] = ("127.0.0.1", 8080)  # host without brackets; port 0 = any free port
     admin_listen: tuple[str, int] = ("127.0.0.1", 9080)
-    workers: int = 1
+    # Worker processes; all cores by default (each worker is one event loop on one core).
+    workers: int = os.cpu_count() or 1
     # As written in the file; a relative path is relative to the current directory at startup,
     # not to the config file.
     state_dir: str = "var/edge"
@@ -259,7 +268,7 @@ _EDGE_KEYS = (
     "send_timeout",
     "edge_id",
 )
-_CACHE_KEYS = ("memory", "max_object")
+_CACHE_KEYS = ("memory", "memory_max_object", "disk", "max_object")
 _ORIGIN_KEYS = ("connect_timeout", "first_byte_timeout", "idle_read_timeout", "max_connections")
 _DOMAIN_KEYS = ("name", "origins", "origin_host", "rules", "query")
 _RULE_KINDS: tuple[Literal["suffix", "prefix", "path"], ...] = ("suffix", "prefix", "path")
@@ -356,13 +365,23 @@ def _parse_cache(table: dict[str, object]) -> CacheSettings:
     _check_keys(table, "cache", _CACHE_KEYS)
     defaults = CacheSettings()
     memory = _size(table, "memory", "cache", defaults.memory)
-    max_object = _size(table, "max_object", "cache", defaults.max_object)
-    if max_object > memory:
+    memory_max = _size(
+        table, "memory_max_object", "cache", min(defaults.memory_max_object, memory)
+    )
+    if memory_max > memory:
         raise _Invalid(
-            "cache.max_object",
-            f"{max_object} bytes is more than cache.memory ({memory} bytes)",
+            "cache.memory_max_object",
+            f"{memory_max} bytes is more than cache.memory ({memory} bytes)",
         )
-    return CacheSettings(memory=memory, max_object=max_object)
+    disk = _size(table, "disk", "cache", defaults.disk, allow_zero=True)
+    max_object = _size(table, "max_object", "cache", min(defaults.max_object, disk or 1))
+    if disk and max_object > disk:
+        raise _Invalid(
+            "cache.max_object", f"{max_object} bytes is more than cache.disk ({disk} bytes)"
+        )
+    return CacheSettings(
+        memory=memory, memory_max_object=memory_max, disk=disk, max_object=max_object
+    )
 
 
 def _parse_origin(table: dict[str, object]) -> OriginSettings:
@@ -686,15 +705,17 @@ def _seconds(table: Mapping[str, object], name: str, prefix: str, default: float
     return float(value)
 
 
-def _size(table: Mapping[str, object], name: str, prefix: str, default: int) -> int:
-    """A positive size in bytes."""
+def _size(
+    table: Mapping[str, object], name: str, prefix: str, default: int, *, allow_zero: bool = False
+) -> int:
+    """A size in bytes, positive unless `allow_zero`."""
     if name not in table:
         return default
     try:
         size = parse_size(table[name])
     except ValueError as exc:
         raise _Invalid(_join(prefix, name), str(exc)) from None
-    if size == 0:
+    if size == 0 and not allow_zero:
         raise _Invalid(_join(prefix, name), "must be more than 0 bytes")
     return size
 

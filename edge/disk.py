@@ -232,6 +232,13 @@ def _remove_dead(path: Path) -> bool:
         os.close(fd)
 
 
+def _older_than(entry: os.DirEntry[str], seconds: float) -> bool:
+    try:
+        return time.time() - entry.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def _claim(tmp: Path, fill: Path) -> bool:
     """Publish `tmp` as the object's .fill unless a live writer holds it."""
     try:
@@ -339,8 +346,11 @@ class _SharedUsage:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        os.close(self._fd)
-        os.close(self._lock)
+        """Idempotent: a worker stopped twice closes once."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            os.close(self._lock)
+            self._fd = -1
 
     def _read(self) -> tuple[int, bool]:
         data = os.pread(self._fd, self._RECORD.size, 0)
@@ -536,7 +546,8 @@ class DiskStore:
         for entry in itertools.islice(entries, _REBUILD_BATCH):
             seen += 1
             name = entry.name
-            if name.endswith((".fill", ".tmp")):
+            if name.endswith(".fill") or (name.endswith(".tmp") and _older_than(entry, 60.0)):
+                # A fresh .tmp may be a writer between creating and locking it: leave it.
                 step.stale += _remove_dead(Path(entry.path))
             elif len(name) in _ID_LENGTHS:
                 self._scan_object(Path(entry.path), step)

@@ -80,6 +80,10 @@ class Fill:
         self.spool: Spool | None = None
         self.spooled = 0  # body bytes [0, spooled) are readable from the spool's file
         self.spool_error: OSError | None = None
+        # Our own descriptor of the spool's file: readers need it after the writer commits or
+        # aborts (and closes its own); closed once the fill is over and no reader is left.
+        self._spool_fd = -1
+        self._spool_body_offset = 0
         self._chunks: list[bytes] = []
         self._starts: list[int] = []
         self._base = 0  # offset of the first byte held in memory
@@ -95,10 +99,16 @@ class Fill:
     def attach_spool(self, spool: Spool) -> None:
         """Write the body to `spool` too (before the first append)."""
         self.spool = spool
+        self._spool_fd = os.dup(spool.fd)
+        self._spool_body_offset = spool.body_offset
+
+    def stop_spooling(self) -> None:
+        """Write no more to the spool (it is being aborted); what it has stays readable."""
+        self.spool = None
 
     def append(self, chunk: bytes) -> None:
         spool = self.spool
-        if spool is not None and self.spool_error is None:
+        if spool is not None and self.spool_error is None and self.spooled == self.size:
             try:
                 spool.append(chunk)
                 self.spooled += len(chunk)
@@ -116,6 +126,7 @@ class Fill:
     def finish(self) -> None:
         self.done = True
         self._wake()
+        self._close_spool_fd()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -124,6 +135,12 @@ class Fill:
             self.head.set_exception(error)
             self.head.exception()  # retrieved: readers that never came must not log it
         self._wake()
+        self._close_spool_fd()
+
+    def _close_spool_fd(self) -> None:
+        if self.done and not self._readers and self._spool_fd >= 0:
+            os.close(self._spool_fd)
+            self._spool_fd = -1
 
     def stop_retaining(self) -> None:
         """The body will not be stored: from now on keep only what readers still need."""
@@ -151,7 +168,8 @@ class Fill:
     # reader side ---------------------------------------------------------------------
     def can_join(self) -> bool:
         """A new client can read this fill from its first byte (file, then memory)."""
-        return self.error is None and self._base <= self.spooled
+        readable = self._spool_fd >= 0 or self.spooled == 0
+        return self.error is None and readable and self._base <= self.spooled
 
     def reader(self) -> FillReader:
         """A cursor from byte 0; only while `can_join()` (nothing trimmed yet)."""
@@ -165,6 +183,7 @@ class Fill:
         self._readers.discard(reader)
         self._trim()
         self._wake_space()
+        self._close_spool_fd()
 
     def _min_pos(self) -> int:
         return min(r.pos for r in self._readers)
@@ -189,9 +208,9 @@ class Fill:
         if pos >= self._base and self._chunks:
             i = bisect_right(self._starts, pos) - 1
             return self._chunks[i], pos - self._starts[i]
-        assert self.spool is not None and pos < self.spooled
+        assert self._spool_fd >= 0 and pos < self.spooled
         count = min(SPOOL_READ, self.spooled - pos)
-        return os.pread(self.spool.fd, count, self.spool.body_offset + pos), 0
+        return os.pread(self._spool_fd, count, self._spool_body_offset + pos), 0
 
     def _wake(self) -> None:
         w = self._wakeup

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Awaitable
@@ -33,13 +34,15 @@ from multidict import CIMultiDict
 from edge import policy
 from edge.cachekey import cache_key, normalize_path
 from edge.config import CacheRule, DomainConfig, EdgeConfig
+from edge.disk import DiskEntry, DiskWriter
 from edge.fetch import OriginClient, OriginError
 from edge.fill import Fill, FillError, FillHead, FillReader
 from edge.metrics import EdgeStats
 from edge.policy import RequestDirectives, ResponseDirectives
 from edge.range import coalesce_ranges, if_range_allows, multipart_parts, parse_range
 from edge.server import ClientGone, Exchange, synth_fields
-from edge.store import VIA, CachedObject, MemoryTier, replay_block
+from edge.store import VIA, CachedObject, MemoryTier, forced_directives, replay_block
+from edge.tiers import Tiers
 
 log = logging.getLogger("edge.request")
 
@@ -75,12 +78,15 @@ class EdgeProxy:
         self, config: EdgeConfig, store: MemoryTier, origin: OriginClient, stats: EdgeStats
     ) -> None:
         self.config = config
-        self.store = store
+        self.tiers = Tiers(store, config.cache, config.edge.state_dir)
         self.origin = origin
         self.stats = stats
         self.busy: dict[str, Fill] = {}
         self.hit_for_miss: TTLCache[str, bool] = TTLCache(maxsize=65536, ttl=HIT_FOR_MISS_SECONDS)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.tiers.start()
 
     async def close(self) -> None:
         """Cancel and await every fill and background revalidation this proxy owns."""
@@ -90,6 +96,7 @@ class EdgeProxy:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.tiers.close()
 
     # recv (refusals from edge.server) --------------------------------------------------
     def refused(self, exchange: Exchange | None, peer: str, status: int, reason: str) -> None:
@@ -126,33 +133,48 @@ class EdgeProxy:
             else NO_DIRECTIVES
         )
         key = cache_key(domain, path, head.query)
-        obj, why = self.store.lookup(key, fields)
-        if obj is not None:
-            now = time.time()
-            age = obj.age(now)
-            if req is NO_DIRECTIVES and now < obj.fresh_until:
-                return self.deliver_hit(ex, obj, age, "hit")
-            verdict = policy.lookup_freshness(req, obj.directives, age=age, lifetime=obj.lifetime)
-            if verdict == "fresh":
-                return self.deliver_hit(ex, obj, age, "hit")
-            if verdict == "stale-ok":
-                return self.deliver_hit(ex, obj, age, "stale")
-            if verdict == "stale-while-revalidate":
-                self.revalidate_in_background(domain, key, rule, ex, obj)
-                return self.deliver_hit(ex, obj, age, "stale", detail="stale-while-revalidate")
+        obj, why = self.tiers.lookup(key, fields)
+        if obj is None:
             if req.only_if_cached:
                 self.synth(ex, 504, "not cached", "miss", detail="only-if-cached")
                 return None
-            # RFC 9211 2.2: "request" when only the request's directives refused it.
-            usable = age < obj.lifetime and not obj.directives.no_cache
-            fwd = "request" if req.no_cache or usable else "stale"
-            return self.miss(ex, domain, key, rule, req, fwd, stale=obj)
+            if key in self.hit_for_miss:
+                why = "miss"
+            return self.miss(ex, domain, key, rule, req, why, stale=None)
+        pending = self.use_stored(ex, domain, key, rule, req, obj)
+        if obj.file is None:
+            return pending
+        return _closing(obj.file, pending)  # the disk object's descriptor is this request's
+
+    def use_stored(
+        self,
+        ex: Exchange,
+        domain: DomainConfig,
+        key: str,
+        rule: CacheRule | None,
+        req: RequestDirectives,
+        obj: CachedObject,
+    ) -> Awaitable[None] | None:
+        """A stored response was found: hit, stale hit, or validate it with the origin."""
+        now = time.time()
+        age = obj.age(now)
+        if req is NO_DIRECTIVES and now < obj.fresh_until:
+            return self.deliver_hit(ex, obj, age, "hit")
+        verdict = policy.lookup_freshness(req, obj.directives, age=age, lifetime=obj.lifetime)
+        if verdict == "fresh":
+            return self.deliver_hit(ex, obj, age, "hit")
+        if verdict == "stale-ok":
+            return self.deliver_hit(ex, obj, age, "stale")
+        if verdict == "stale-while-revalidate":
+            self.revalidate_in_background(domain, key, rule, ex, obj)
+            return self.deliver_hit(ex, obj, age, "stale", detail="stale-while-revalidate")
         if req.only_if_cached:
             self.synth(ex, 504, "not cached", "miss", detail="only-if-cached")
             return None
-        if key in self.hit_for_miss:
-            why = "miss"
-        return self.miss(ex, domain, key, rule, req, why, stale=None)
+        # RFC 9211 2.2: "request" when only the request's directives refused it.
+        usable = age < obj.lifetime and not obj.directives.no_cache
+        fwd = "request" if req.no_cache or usable else "stale"
+        return self.miss(ex, domain, key, rule, req, fwd, stale=obj)
 
     # hit -----------------------------------------------------------------------------
     def deliver_hit(
@@ -190,14 +212,23 @@ class EdgeProxy:
         if "range" in fields and obj.status == 200:
             return self.deliver_range(ex, obj, tail, outcome)
         block = obj.hit_block if memo else obj.out_block + tail
-        return self.send_stored(ex, obj.status, block, obj.body, outcome)
+        return self.send_stored(ex, obj.status, block, obj, [(0, obj.body_length)], outcome)
 
     def send_stored(
-        self, ex: Exchange, status: int, block: bytes, body: bytes | memoryview, outcome: str
+        self,
+        ex: Exchange,
+        status: int,
+        block: bytes,
+        obj: CachedObject,
+        pieces: list[Piece],
+        outcome: str,
     ) -> Awaitable[None] | None:
-        """A stored body: one synchronous write when small, else streamed with flow control
-        (a 16 MiB write to a slow client would otherwise sit in the transport's buffer, and
-        stock asyncio copies it there)."""
+        """A stored body, or pieces of it: from memory, one synchronous write when small, else
+        streamed with flow control (a 16 MiB write to a slow client would otherwise sit in the
+        transport's buffer, and stock asyncio copies it there); from disk with sendfile."""
+        if obj.file is not None:
+            return self._send_file(ex, status, block, obj.file, pieces, outcome)
+        body = _assemble(obj.body, pieces)
         if len(body) <= STREAMED_HIT or ex.no_body:
             ex.send(status, block, body)
             self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
@@ -216,6 +247,27 @@ class EdgeProxy:
         finally:
             self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
 
+    async def _send_file(
+        self,
+        ex: Exchange,
+        status: int,
+        block: bytes,
+        file: DiskEntry,
+        pieces: list[Piece],
+        outcome: str,
+    ) -> None:
+        ex.start(status, block, _pieces_length(pieces))
+        try:
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    await ex.write(piece)
+                else:
+                    start, end = piece
+                    await ex.sendfile(file.fd, file.body_offset + start, end - start)
+            ex.finish()
+        finally:
+            self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+
     def deliver_range(
         self, ex: Exchange, obj: CachedObject, tail: bytes, outcome: str
     ) -> Awaitable[None] | None:
@@ -223,37 +275,38 @@ class EdgeProxy:
         several as multipart/byteranges (14.6), too many as the whole 200."""
         fields = ex.head.headers
         block = obj.out_block + tail
-        length = len(obj.body)
+        length = obj.body_length
+        whole: list[Piece] = [(0, length)]
         if_range = fields.get("if-range")
         ranges = parse_range(fields["range"], length)
         if ranges is None or (if_range is not None and not if_range_allows(if_range, obj.headers)):
-            return self.send_stored(ex, obj.status, block, obj.body, outcome)
+            return self.send_stored(ex, obj.status, block, obj, whole, outcome)
         if not ranges:
             body = b"range not satisfiable\n"
             extra = f"Content-Range: bytes */{length}\r\n".encode()
-            return self.send_stored(ex, 416, synth_fields(len(body)) + extra + tail, body, outcome)
+            ex.send(416, synth_fields(len(body)) + extra + tail, body)
+            self.stats.account(outcome, 416, ex.bytes_sent, ex.body_bytes_sent)
+            return None
         coalesced = coalesce_ranges(ranges)
         if coalesced is None:
-            return self.send_stored(ex, obj.status, block, obj.body, outcome)
+            return self.send_stored(ex, obj.status, block, obj, whole, outcome)
         if len(coalesced) > 1:
             boundary = secrets.token_hex(12)
             parts, closing = multipart_parts(
                 coalesced, length, obj.headers.get("content-type"), boundary
             )
-            view = memoryview(obj.body)
-            multipart = b"".join([piece for head, s, e in parts for piece in (head, view[s:e])])
-            multipart += closing
+            pieces: list[Piece] = [p for head, s, e in parts for p in (head, (s, e))]
+            pieces.append(closing)
             kept = [(n, v) for n, v in obj.fields if n.lower() != "content-type"]
             block = (
-                replay_block(kept, obj.headers.get("via"), len(multipart))
+                replay_block(kept, obj.headers.get("via"), _pieces_length(pieces))
                 + f"Content-Type: multipart/byteranges; boundary={boundary}\r\n".encode()
                 + tail
             )
-            return self.send_stored(ex, 206, block, multipart, outcome)
+            return self.send_stored(ex, 206, block, obj, pieces, outcome)
         start, end = coalesced[0]
-        part = memoryview(obj.body)[start:end]
         block = _with_content_range(block, start, end, length)
-        return self.send_stored(ex, 206, block, part, outcome)
+        return self.send_stored(ex, 206, block, obj, [(start, end)], outcome)
 
     def send_without_body(
         self, ex: Exchange, status: int, fields: list[tuple[str, str]], tail: bytes, outcome: str
@@ -317,6 +370,11 @@ class EdgeProxy:
         if stale is not None:
             for name, value in policy.validation_headers(stale.headers).items():
                 headers[name] = value
+            if stale.file is not None:
+                # The fill may outlive the request that found the object: its own descriptor.
+                f = stale.file
+                own = DiskEntry(f.meta, f.path, os.dup(f.fd), f.body_offset, f.body_length)
+                stale = replace(stale, file=own)
         task = asyncio.create_task(
             self.run_fill(fill, domain, key, rule, ex.head.target, headers, ex.head.headers,
                           stale, store)
@@ -370,6 +428,8 @@ class EdgeProxy:
             self._release(fill)
             if not fill.done:  # cancelled: waiters must not wait forever
                 fill.fail(FillError("fill cancelled"))
+            if stale is not None and stale.file is not None:
+                stale.file.close()
 
     async def _fill_body(
         self,
@@ -393,7 +453,7 @@ class EdgeProxy:
             merged = policy.merge_not_modified(kept, fields)
             obj = self._stored_object(
                 key, stale.status, merged, stale.body, rule, request_fields, request_time,
-                response_time,
+                response_time, file=stale.file,
             )
             # The 304's fields may have made the response unstorable (no-store, private).
             merged_reason = self._unstorable(
@@ -401,9 +461,9 @@ class EdgeProxy:
             )
             if store and not fill.invalidated:
                 if obj is not None and merged_reason is None:
-                    self.store.put(obj)
+                    self.tiers.store_revalidated(obj)
                 else:
-                    self.store.remove(key)
+                    self.tiers.remove(key)
             fill.set_head(
                 FillHead(status, fields, headers, 0, True, True, None, 0.0, response_time, (),
                          revalidated=obj or stale)
@@ -412,8 +472,9 @@ class EdgeProxy:
             return
         reason = self._unstorable(status, request_fields, headers, rule) if store else "request"
         content_length = _body_length("GET", resp)
-        max_object = self.config.cache.max_object
-        if reason is None and content_length is not None and content_length > max_object:
+        settings = self.config.cache
+        largest = settings.largest_stored
+        if reason is None and content_length is not None and content_length > largest:
             reason = "too-big"
         shareable = reason is None or reason == "too-big"
         if not shareable:
@@ -422,6 +483,19 @@ class EdgeProxy:
             # herd that follows its recovery.
             if reason not in ("request", "authorization") and status < 500:
                 self.hit_for_miss[key] = True
+        writer: DiskWriter | None = None
+        stored = None  # the object as it will be stored, without its body
+        if reason is None:
+            stored = self._stored_object(
+                key, status, fields, b"", rule, request_fields, request_time, response_time
+            )
+            writer = self.tiers.spool(stored, content_length) if stored is not None else None
+            if writer is not None:
+                fill.attach_spool(writer)
+            if content_length is not None and content_length > settings.memory_max_object:
+                fill.stop_retaining()  # disk only: readers read the file back
+                if writer is None:
+                    reason = "disk-unavailable"  # no disk tier room, or another process has it
         if reason is not None:
             self.stats.not_stored[reason] += 1
             fill.stop_retaining()
@@ -443,29 +517,49 @@ class EdgeProxy:
                 vary_names=policy.vary_names(headers),
             )
         )
-        async for chunk in resp.content.iter_any():
-            fill.append(chunk)
-            self.stats.origin_bytes += len(chunk)
-            if fill.retain and fill.size > max_object:
-                fill.stop_retaining()
-                self.stats.not_stored["too-big"] += 1
-                reason = "too-big"
-            if not fill.retain:
-                if not fill.has_readers:
-                    fill.fail(FillError("no client left for an unstored response"))
-                    return
-                await fill.wait_for_space()
-        if content_length is not None and fill.size != content_length:
-            raise FillError(f"origin sent {fill.size} of {content_length} bytes")
-        if reason is None and not fill.invalidated:
-            obj = self._stored_object(
-                key, status, fields, fill.body(), rule, request_fields, request_time,
-                response_time,
-            )
-            if obj is not None and self.store.put(obj):
-                self.stats.stored_objects += 1
-                self.hit_for_miss.pop(key, None)
-        fill.finish()
+        try:
+            async for chunk in resp.content.iter_any():
+                fill.append(chunk)
+                self.stats.origin_bytes += len(chunk)
+                storing = reason is None
+                if reason is None and fill.size > largest:
+                    reason = "too-big"
+                    if writer is not None:
+                        fill.stop_spooling()
+                        writer.abort()
+                        writer = None
+                elif reason is None and writer is not None and fill.spool_error is not None:
+                    reason = "disk-error"
+                elif fill.retain and fill.size > settings.memory_max_object and writer is None:
+                    reason = "disk-unavailable"
+                if storing and reason is not None:
+                    self.stats.not_stored[reason] += 1
+                if fill.retain and (reason is not None or fill.size > settings.memory_max_object):
+                    fill.stop_retaining()
+                if not fill.retain and (writer is None or fill.spool_error is not None):
+                    # Held in memory only: a window behind the slowest reader.
+                    if not fill.has_readers:
+                        fill.fail(FillError("no client left for an unstored response"))
+                        return
+                    await fill.wait_for_space()
+            if content_length is not None and fill.size != content_length:
+                raise FillError(f"origin sent {fill.size} of {content_length} bytes")
+            if reason is None and stored is not None and not fill.invalidated:
+                saved = False
+                if writer is not None and fill.spool_error is None:
+                    saved = self.tiers.commit(writer, stored)
+                    writer = None
+                if fill.retain:
+                    stored.body = fill.body()
+                    stored.build_out_block()
+                    saved = self.tiers.keep_in_memory(stored) or saved
+                if saved:
+                    self.stats.stored_objects += 1
+                    self.hit_for_miss.pop(key, None)
+            fill.finish()
+        finally:
+            if writer is not None:
+                writer.abort()
 
     def _unstorable(
         self, status: int, request_fields: policy.Headers, headers: policy.Headers,
@@ -504,14 +598,16 @@ class EdgeProxy:
         request_fields: policy.Headers,
         request_time: float,
         response_time: float,
+        file: DiskEntry | None = None,
     ) -> CachedObject | None:
         headers = policy.combine_fields(fields)
         names = policy.vary_names(headers)
         if names is None:
             return None
         rd = policy.response_directives(headers)
-        if rule is not None and rule.ttl is not None and not rule.respect_origin:
-            rd = _forced(rd)
+        forced = rule is not None and rule.ttl is not None and not rule.respect_origin
+        if forced:
+            rd = forced_directives(rd)
         return CachedObject(
             key=key,
             vary_names=names,
@@ -527,6 +623,8 @@ class EdgeProxy:
             initial_age=policy.initial_age(
                 headers, request_time=request_time, response_time=response_time
             ),
+            forced=forced,
+            file=file,
         )
 
     def _release(self, fill: Fill) -> None:
@@ -566,6 +664,12 @@ class EdgeProxy:
                 return
             if fhead.revalidated is not None:
                 obj = fhead.revalidated
+                if obj.file is not None:
+                    # The fill's descriptor closes with the fill: read through our own.
+                    if stale is None or stale.file is None:
+                        await _completed(self.lookup(ex, domain))
+                        return
+                    obj = replace(obj, file=stale.file)
                 # A waiter may have come for another Vary variant than the one revalidated.
                 if not collapsed or policy.vary_values(
                     obj.vary_names, ex.head.headers
@@ -746,7 +850,7 @@ class EdgeProxy:
                     p, _, q = same_host.partition("#")[0].partition("?")
                     keys.append(cache_key(domain, normalize_path(p), q))
         for key in keys:
-            self.store.remove(key)
+            self.tiers.remove(key)
             # A fetch already in flight carries the response from before the change: let it
             # finish for its clients, but neither store it nor let new clients join it.
             for busy_key in [k for k in self.busy if k == key or k.startswith(key + "\n")]:
@@ -816,6 +920,37 @@ def _body_length(method: str, resp: aiohttp.ClientResponse) -> int | None:
     return resp.content_length
 
 
+Piece = bytes | tuple[int, int]  # literal bytes, or a [start, end) span of the stored body
+
+
+def _pieces_length(pieces: list[Piece]) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p[1] - p[0] for p in pieces)
+
+
+def _assemble(body: bytes, pieces: list[Piece]) -> bytes | memoryview:
+    """The bytes of `pieces` of an in-memory body, copying only when there are several."""
+    if len(pieces) == 1 and not isinstance(pieces[0], bytes):
+        start, end = pieces[0]
+        return body if (start, end) == (0, len(body)) else memoryview(body)[start:end]
+    view = memoryview(body)
+    return b"".join(p if isinstance(p, bytes) else view[p[0] : p[1]] for p in pieces)
+
+
+def _closing(file: DiskEntry, pending: Awaitable[None] | None) -> Awaitable[None] | None:
+    """Close a disk object's descriptor once the response that reads it is done."""
+    if pending is None:
+        file.close()
+        return None
+
+    async def then_close() -> None:
+        try:
+            await pending
+        finally:
+            file.close()
+
+    return then_close()
+
+
 async def _completed(pending: Awaitable[None] | None) -> None:
     if pending is not None:
         await pending
@@ -839,14 +974,6 @@ def _has_explicit_freshness(rd: ResponseDirectives, headers: policy.Headers) -> 
         or rd.no_cache
         or rd.no_store
         or rd.private
-    )
-
-
-def _forced(rd: ResponseDirectives) -> ResponseDirectives:
-    """Directives as a respect_origin = false rule sees them: the rule's TTL decides."""
-    return replace(
-        rd, no_cache=False, no_store=False, private=False, must_revalidate=False,
-        proxy_revalidate=False, s_maxage=None, max_age=None,
     )
 
 

@@ -9,11 +9,12 @@ one URI (RFC 9111 4.1) kept under the same primary key.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cachetools import LRUCache
 
 from edge import policy
+from edge.disk import DiskEntry
 from edge.policy import ResponseDirectives
 
 # Per-object bookkeeping on top of the body and fields, so that many tiny objects cannot
@@ -53,6 +54,8 @@ class CachedObject:
     request_time: float
     response_time: float
     initial_age: float
+    forced: bool = False  # a rule overrode the origin's freshness (directives are forced)
+    file: DiskEntry | None = None  # the body is in this disk-tier file, not in `body`
     out_block: bytes = b""  # prebuilt response field lines, without Age and Cache-Status
     hit_age: int = -1  # memo of the last hit head, valid for one age second
     hit_tail: bytes = b""
@@ -72,9 +75,13 @@ class CachedObject:
 
     def build_out_block(self) -> None:
         # RFC 9110 8.6: no Content-Length on a 204.
-        length = None if self.status == 204 else len(self.body)
+        length = None if self.status == 204 else self.body_length
         self.out_block = replay_block(self.fields, self.headers.get("via"), length)
         self.hit_age = -1
+
+    @property
+    def body_length(self) -> int:
+        return self.file.body_length if self.file is not None else len(self.body)
 
     @property
     def size(self) -> int:
@@ -82,6 +89,14 @@ class CachedObject:
 
     def age(self, now: float) -> float:
         return policy.current_age(self.initial_age, self.response_time, now)
+
+
+def forced_directives(rd: ResponseDirectives) -> ResponseDirectives:
+    """Directives as a respect_origin = false rule sees them: the rule's TTL decides."""
+    return replace(
+        rd, no_cache=False, no_store=False, private=False, must_revalidate=False,
+        proxy_revalidate=False, s_maxage=None, max_age=None,
+    )
 
 
 VariantKey = tuple[str, tuple[str, ...]]

@@ -1119,7 +1119,7 @@ async def test_range_on_a_cold_object_while_it_fills(make_origin, make_edge) -> 
 
 # ----------------------------------------------------------------------------- memory tier
 
-SMALL_CACHE = '[cache]\nmemory = "64KiB"\nmax_object = "16KiB"\n'
+SMALL_CACHE = '[cache]\nmemory = "64KiB"\nmemory_max_object = "16KiB"\ndisk = 0\n'
 
 
 async def test_memory_budget_and_lru_eviction(make_origin, make_edge) -> None:

@@ -157,7 +157,10 @@ def test_defaults() -> None:
     assert config.edge == EdgeSettings()
     assert config.edge.listen == ("127.0.0.1", 8080)
     assert config.edge.edge_id == socket.gethostname()
-    assert config.cache == CacheSettings(memory=256 * 2**20, max_object=16 * 2**20)
+    assert config.cache == CacheSettings(
+        memory=256 * 2**20, memory_max_object=2**20, disk=10 * 2**30, max_object=4 * 2**30
+    )
+    assert config.cache.largest_stored == 4 * 2**30
     assert config.origin == OriginSettings(5.0, 30.0, 30.0, 512)
     domain = config.domains["a.test"]
     assert domain == DomainConfig("a.test", ("http://127.0.0.1:8001",), None, (), QueryPolicy())
@@ -414,8 +417,18 @@ def test_parse_size_rejects(value: object, problem: str) -> None:
             "cfg.toml: cache.memory: must be more than 0 bytes",
         ),
         (
-            "[cache]\nmemory = '1MiB'\nmax_object = '2MiB'\n" + MINIMAL_DOMAIN,
-            "cfg.toml: cache.max_object: 2097152 bytes is more than cache.memory (1048576 bytes)",
+            "[cache]\nmemory = '1MiB'\nmemory_max_object = '2MiB'\n" + MINIMAL_DOMAIN,
+            "cfg.toml: cache.memory_max_object: 2097152 bytes is more than cache.memory "
+            "(1048576 bytes)",
+        ),
+        (
+            "[cache]\ndisk = '1GiB'\nmax_object = '2GiB'\n" + MINIMAL_DOMAIN,
+            "cfg.toml: cache.max_object: 2147483648 bytes is more than cache.disk "
+            "(1073741824 bytes)",
+        ),
+        (
+            "[cache]\ndisk = -1\n" + MINIMAL_DOMAIN,
+            "cfg.toml: cache.disk: -1 is not a size: it is negative",
         ),
         (
             "[edge]\nmax_header_bytes = -5\n" + MINIMAL_DOMAIN,

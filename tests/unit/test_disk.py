@@ -543,7 +543,11 @@ async def test_rebuild_after_restart(tmp_path: Path) -> None:
     leaf = tmp_path / "objects" / "00" / "00"
     leaf.mkdir(parents=True)
     (leaf / ("0" * 64 + ".fill")).write_bytes(b"left by a dead writer")
-    (leaf / ("0" * 64 + ".abc.tmp")).write_bytes(b"left by a dead writer")
+    dead_tmp = leaf / ("0" * 64 + ".abc.tmp")
+    dead_tmp.write_bytes(b"left by a dead writer")
+    os.utime(dead_tmp, (time.time() - 120, time.time() - 120))  # a fresh one may be mid-begin
+    fresh_tmp = leaf / ("0" * 64 + ".def.tmp")
+    fresh_tmp.write_bytes(b"a writer between creating and locking it")
     (leaf / "README").write_bytes(b"not ours: left alone")
     live = first.begin(oid_of(9), meta(), 10)  # a writer still running elsewhere
     assert live is not None
@@ -555,7 +559,7 @@ async def test_rebuild_after_restart(tmp_path: Path) -> None:
     await store.rebuild()
     assert store.objects == 3 and store.bytes_used == 3 * BLOCK
     assert store.corrupt_removed == 1 and not corrupt.exists()
-    assert sorted(p.name for p in leaf.iterdir()) == ["README"]
+    assert sorted(p.name for p in leaf.iterdir()) == ["README", fresh_tmp.name]
     assert (store.begin(oid_of(9), meta(), 10)) is None  # the live fill survived
     # Least recent first: by mtime (2 then 1), and 0 was looked up before the rebuild.
     put(store, oid_of(5), b"new")

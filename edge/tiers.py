@@ -1,0 +1,187 @@
+"""The cache's storage as one interface: the memory tier in front of the disk tier.
+
+- lookup: memory first; then disk, where a key with Vary has a stub file naming the Vary fields
+  and one file per variant. Small disk objects are promoted to memory; large ones are served
+  from their file (`CachedObject.file`, sent with sendfile).
+- store: every storable response is written to disk when there is a disk tier (a restart keeps
+  it, and every worker on the host finds it); responses up to `memory_max_object` are also
+  kept in memory.
+- remove: a key's every variant in both tiers (invalidation, purge).
+
+Only storage mechanics live here; what may be stored and for how long is `edge.policy` and
+`edge.request`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from edge import policy
+from edge.config import CacheSettings
+from edge.disk import DiskEntry, DiskError, DiskStore, DiskWriter, ObjectMeta, object_id
+from edge.store import CachedObject, MemoryTier, forced_directives
+
+log = logging.getLogger("edge.tiers")
+
+STUB = "vary-stub"  # ObjectMeta.extra key marking a key's Vary stub file
+COPY_CHUNK = 1 << 20
+
+
+def object_meta(obj: CachedObject) -> ObjectMeta:
+    return ObjectMeta(
+        key=obj.key,
+        vary_names=obj.vary_names,
+        vary_values=obj.vary_values,
+        status=obj.status,
+        fields=obj.fields,
+        request_time=obj.request_time,
+        response_time=obj.response_time,
+        initial_age=obj.initial_age,
+        lifetime=obj.lifetime,
+        forced=obj.forced,
+    )
+
+
+def object_from_meta(meta: ObjectMeta, body: bytes, file: DiskEntry | None) -> CachedObject:
+    headers = policy.combine_fields(meta.fields)
+    rd = policy.response_directives(headers)
+    return CachedObject(
+        key=meta.key,
+        vary_names=tuple(meta.vary_names),
+        vary_values=tuple(meta.vary_values),
+        status=meta.status,
+        fields=[(name, value) for name, value in meta.fields],
+        headers=headers,
+        body=body,
+        directives=forced_directives(rd) if meta.forced else rd,
+        lifetime=meta.lifetime,
+        request_time=meta.request_time,
+        response_time=meta.response_time,
+        initial_age=meta.initial_age,
+        forced=meta.forced,
+        file=file,
+    )
+
+
+class Tiers:
+    def __init__(self, memory: MemoryTier, settings: CacheSettings, state_dir: str) -> None:
+        self.memory = memory
+        self.settings = settings
+        self.disk = (
+            DiskStore(Path(state_dir) / "cache", settings.disk) if settings.disk else None
+        )
+        self._rebuild: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Rebuild the disk index in the background; misses are served meanwhile."""
+        if self.disk is not None:
+            self._rebuild = asyncio.create_task(self.disk.rebuild(), name="disk-rebuild")
+
+    async def close(self) -> None:
+        if self._rebuild is not None:
+            self._rebuild.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rebuild
+        if self.disk is not None:
+            self.disk.close()
+
+    # lookup --------------------------------------------------------------------------
+    def lookup(self, key: str, request: policy.Headers) -> tuple[CachedObject | None, str]:
+        """The stored response for a request, or None and why ("uri-miss" or "vary-miss").
+
+        A returned object with `file` set holds an open descriptor: the caller closes it.
+        """
+        obj, why = self.memory.lookup(key, request)
+        if obj is not None or self.disk is None:
+            return obj, why
+        entry = self.disk.lookup(object_id(key))
+        if entry is None:
+            return None, why
+        if entry.meta.extra.get(STUB):
+            values = policy.vary_values(tuple(entry.meta.vary_names), request)
+            entry.close()
+            entry = self.disk.lookup(object_id(key, values))
+            if entry is None:
+                return None, "vary-miss"
+        return self._from_disk(entry), ""
+
+    def _from_disk(self, entry: DiskEntry) -> CachedObject:
+        if entry.body_length > self.settings.memory_max_object:
+            return object_from_meta(entry.meta, b"", entry)
+        try:
+            body = os.pread(entry.fd, entry.body_length, entry.body_offset)
+        finally:
+            entry.close()
+        obj = object_from_meta(entry.meta, body, None)
+        self.memory.put(obj)  # hot small objects also sit in memory
+        return obj
+
+    # store ---------------------------------------------------------------------------
+    def spool(self, obj: CachedObject, length: int | None) -> DiskWriter | None:
+        """A disk writer for a response about to stream in (`obj` has no body yet), or None
+        when there is no disk tier, another process is writing it, or the disk failed."""
+        if self.disk is None:
+            return None
+        try:
+            return self.disk.begin(
+                object_id(obj.key, obj.vary_values), object_meta(obj), length
+            )
+        except DiskError:
+            return None  # counted and logged (once per interval) by the store
+
+    def commit(self, writer: DiskWriter, obj: CachedObject) -> bool:
+        entry = writer.commit()
+        if entry is None:
+            return False
+        entry.close()
+        if obj.vary_names:
+            self._write_stub(obj)
+        return True
+
+    def keep_in_memory(self, obj: CachedObject) -> bool:
+        return self.memory.put(obj)
+
+    def store_revalidated(self, obj: CachedObject) -> None:
+        """Store `obj`: a 304's refreshed fields over a stored body (in `body` or `file`)."""
+        if obj.file is None:
+            self.memory.put(obj)
+        writer = self.spool(obj, obj.body_length)
+        if writer is None:
+            return
+        try:
+            if obj.file is None:
+                writer.append(obj.body)
+            else:
+                src = obj.file
+                for offset in range(0, src.body_length, COPY_CHUNK):
+                    count = min(COPY_CHUNK, src.body_length - offset)
+                    writer.append(os.pread(src.fd, count, src.body_offset + offset))
+        except OSError:
+            writer.abort()
+            return
+        self.commit(writer, obj)
+
+    def _write_stub(self, obj: CachedObject) -> None:
+        """The key's Vary stub: which request fields select the variant file."""
+        assert self.disk is not None
+        meta = object_meta(obj)
+        meta.vary_values = ()
+        meta.extra = {STUB: "1"}
+        try:
+            writer = self.disk.begin(object_id(obj.key), meta, 0)
+        except DiskError:
+            return
+        if writer is not None:
+            entry = writer.commit()
+            if entry is not None:
+                entry.close()
+
+    # remove --------------------------------------------------------------------------
+    def remove(self, key: str) -> None:
+        self.memory.remove(key)
+        if self.disk is not None:
+            self.disk.remove_key(key)
