@@ -437,6 +437,42 @@ class DiskStore:
             return None
         return DiskFollower(meta, length, fd, offset, self.stall_timeout)
 
+    def claim(self, oid: str) -> Claim | None:
+        """The host-wide right to fetch `oid` from the origin (coalescing across worker
+        processes), held until released; None while another live process holds it. Raises
+        DiskError when the disk fails.
+
+        An flock'ed `<id>.busy` file. Releasing unlinks it; a process that opened the old
+        file just before may then hold a lock on an unlinked file: the cost is a rare second
+        fetch, never a mixed object (`begin` still admits one writer).
+        """
+        path = self._path(oid).with_name(oid + ".busy")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise self._write_failed(e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return Claim(path, fd)
+
+    def claimed(self, oid: str) -> bool:
+        """Whether a live process holds `oid`'s claim."""
+        try:
+            fd = os.open(self._path(oid).with_name(oid + ".busy"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def record_hit(self, oid: str) -> None:
         """A hit on `oid` served from elsewhere (the memory tier, a follower): keep it recent."""
         if oid in self._lru:
@@ -546,7 +582,9 @@ class DiskStore:
         for entry in itertools.islice(entries, _REBUILD_BATCH):
             seen += 1
             name = entry.name
-            if name.endswith(".fill") or (name.endswith(".tmp") and _older_than(entry, 60.0)):
+            if name.endswith(".fill") or (
+                name.endswith((".tmp", ".busy")) and _older_than(entry, 60.0)
+            ):
                 # A fresh .tmp may be a writer between creating and locking it: leave it.
                 step.stale += _remove_dead(Path(entry.path))
             elif len(name) in _ID_LENGTHS:
@@ -728,6 +766,21 @@ class DiskWriter:
             os.unlink(self._fill)
         with suppress(OSError):
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+class Claim:
+    """A held `DiskStore.claim`; `release()` is idempotent."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._path = path
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            with suppress(OSError):
+                os.unlink(self._path)
+            os.close(self._fd)
+            self._fd = -1
 
 
 class DiskFollower:

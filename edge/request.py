@@ -24,7 +24,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 
 import aiohttp
@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from edge import policy
 from edge.cachekey import cache_key, normalize_path
 from edge.config import CacheRule, DomainConfig, EdgeConfig
-from edge.disk import DiskEntry, DiskWriter
+from edge.disk import Claim, DiskEntry, DiskError, DiskWriter, FillAborted, ObjectMeta
 from edge.fetch import OriginClient, OriginError
 from edge.fill import Fill, FillError, FillHead, FillReader
 from edge.metrics import EdgeStats
@@ -42,7 +42,7 @@ from edge.policy import RequestDirectives, ResponseDirectives
 from edge.range import coalesce_ranges, if_range_allows, multipart_parts, parse_range
 from edge.server import ClientGone, Exchange, synth_fields
 from edge.store import VIA, CachedObject, MemoryTier, forced_directives, replay_block
-from edge.tiers import Tiers
+from edge.tiers import Tiers, object_meta
 
 log = logging.getLogger("edge.request")
 
@@ -68,6 +68,7 @@ ALLOW_ALL = b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n"
 # Stored bodies above this are streamed in STREAM_CHUNK writes, each waiting for the socket.
 STREAMED_HIT = 1 << 20
 STREAM_CHUNK = 256 << 10
+OTHER_WORKER_POLL = 0.005  # seconds between looks at another worker's fetch
 FORCEABLE = frozenset({"no-store", "private", "no-freshness"})
 
 
@@ -377,7 +378,7 @@ class EdgeProxy:
                 stale = replace(stale, file=own)
         task = asyncio.create_task(
             self.run_fill(fill, domain, key, rule, ex.head.target, headers, ex.head.headers,
-                          stale, store)
+                          stale, store, coalesce=register)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -403,15 +404,26 @@ class EdgeProxy:
         request_fields: policy.Headers,
         stale: CachedObject | None,
         store: bool,
+        *,
+        coalesce: bool = True,
     ) -> None:
-        """Fetch `target` from origin into `fill`, and store it when it may be stored."""
-        request_time = time.time()
-        self.stats.origin_fetches += 1
+        """Fetch `target` from origin into `fill`, and store it when it may be stored.
+
+        With a disk tier, the fetch is claimed host-wide first: when another worker process
+        is already fetching the object, the fill follows that worker's file instead.
+        """
         resp: aiohttp.ClientResponse | None = None
+        claim: Claim | None = None
         try:
+            if coalesce and stale is None and store and self.tiers.disk is not None:
+                claim = await self._claim_or_follow(fill, key, request_fields)
+                if claim is None and fill.head.done():
+                    return  # fed by another worker's fetch
+            request_time = time.time()
+            self.stats.origin_fetches += 1
             resp = await self.origin.open(domain, "GET", target, headers)
             await self._fill_body(
-                fill, domain, key, rule, resp, request_fields, stale, store, request_time
+                fill, domain, key, rule, resp, request_fields, stale, store, request_time, claim
             )
         except OriginError as e:
             self._origin_failed(domain, target, e.detail, "connect")
@@ -423,6 +435,8 @@ class EdgeProxy:
             log.exception("fill failed for %s%s", domain.name, target.decode("ascii"))
             fill.fail(FillError("internal error"))
         finally:
+            if claim is not None:
+                claim.release()
             if resp is not None:
                 resp.close()
             self._release(fill)
@@ -442,6 +456,7 @@ class EdgeProxy:
         stale: CachedObject | None,
         store: bool,
         request_time: float,
+        claim: Claim | None = None,
     ) -> None:
         response_time = time.time()
         fields = _origin_fields(resp, response_time)
@@ -496,6 +511,9 @@ class EdgeProxy:
                 fill.stop_retaining()  # disk only: readers read the file back
                 if writer is None:
                     reason = "disk-unavailable"  # no disk tier room, or another process has it
+        if claim is not None:
+            # Other workers now find the object's file to follow (or nothing to wait for).
+            claim.release()
         if reason is not None:
             self.stats.not_stored[reason] += 1
             fill.stop_retaining()
@@ -560,6 +578,58 @@ class EdgeProxy:
         finally:
             if writer is not None:
                 writer.abort()
+
+    async def _claim_or_follow(
+        self, fill: Fill, key: str, request_fields: policy.Headers
+    ) -> Claim | None:
+        """Coalescing across worker processes. Either claim the origin fetch of `key` for
+        this process, or feed `fill` from another worker's fetch of it: its file as it grows,
+        or the stored object once done. None with `fill` untouched: fetch without a claim
+        (the other worker neither wrote a file nor gave up in time)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.origin.first_byte_timeout
+        while True:
+            follower = self.tiers.follow(key)
+            if follower is not None:
+                try:
+                    head = _head_from_meta(follower.meta, follower.body_length)
+                    await self._feed(fill, head, follower.chunks())
+                except FillAborted:
+                    fill.fail(FillError("the other worker's origin fetch failed"))
+                finally:
+                    follower.close()
+                return None
+            try:
+                claim = self.tiers.claim(key)
+            except DiskError:
+                return None  # no coalescing across workers on a failing disk
+            if claim is not None:
+                obj, _ = self.tiers.lookup(key, request_fields)
+                if obj is None:
+                    return claim
+                claim.release()  # another worker stored it meanwhile
+                try:
+                    head = _head_from_meta(object_meta(obj), obj.body_length)
+                    await self._feed(fill, head, _stored_chunks(obj))
+                finally:
+                    if obj.file is not None:
+                        obj.file.close()
+                return None
+            if loop.time() > deadline:
+                return None
+            await asyncio.sleep(OTHER_WORKER_POLL)
+
+    async def _feed(self, fill: Fill, head: FillHead, chunks: AsyncIterator[bytes]) -> None:
+        """Fill `fill` from bytes another worker fetched; it stores them, not us."""
+        fill.stop_retaining()
+        fill.set_head(head)
+        async for chunk in chunks:
+            fill.append(chunk)
+            if not fill.has_readers:
+                fill.fail(FillError("no client left"))
+                return
+            await fill.wait_for_space()
+        fill.finish()
 
     def _unstorable(
         self, status: int, request_fields: policy.Headers, headers: policy.Headers,
@@ -949,6 +1019,31 @@ def _closing(file: DiskEntry, pending: Awaitable[None] | None) -> Awaitable[None
             file.close()
 
     return then_close()
+
+
+def _head_from_meta(meta: ObjectMeta, length: int | None) -> FillHead:
+    fields = [(name, value) for name, value in meta.fields]
+    return FillHead(
+        status=meta.status,
+        fields=fields,
+        headers=policy.combine_fields(fields),
+        content_length=length,
+        shareable=True,
+        stored=True,
+        ttl=int(meta.lifetime) - int(meta.initial_age),
+        initial_age=meta.initial_age,
+        response_time=meta.response_time,
+        vary_names=tuple(meta.vary_names),
+    )
+
+
+async def _stored_chunks(obj: CachedObject) -> AsyncIterator[bytes]:
+    if obj.file is None:
+        yield obj.body
+        return
+    f = obj.file
+    for offset in range(0, f.body_length, STREAM_CHUNK):
+        yield os.pread(f.fd, min(STREAM_CHUNK, f.body_length - offset), f.body_offset + offset)
 
 
 async def _completed(pending: Awaitable[None] | None) -> None:

@@ -22,7 +22,16 @@ from pathlib import Path
 
 from edge import policy
 from edge.config import CacheSettings
-from edge.disk import DiskEntry, DiskError, DiskStore, DiskWriter, ObjectMeta, object_id
+from edge.disk import (
+    Claim,
+    DiskEntry,
+    DiskError,
+    DiskFollower,
+    DiskStore,
+    DiskWriter,
+    ObjectMeta,
+    object_id,
+)
 from edge.store import CachedObject, MemoryTier, forced_directives
 
 log = logging.getLogger("edge.tiers")
@@ -179,6 +188,19 @@ class Tiers:
             entry = writer.commit()
             if entry is not None:
                 entry.close()
+
+    # across worker processes ---------------------------------------------------------
+    def claim(self, key: str) -> Claim | None:
+        """The host-wide right to fetch `key` (see DiskStore.claim); None without a disk tier
+        or while another process holds it; DiskError when the disk fails."""
+        return self.disk.claim(object_id(key)) if self.disk is not None else None
+
+    def claimed_elsewhere(self, key: str) -> bool:
+        return self.disk is not None and self.disk.claimed(object_id(key))
+
+    def follow(self, key: str) -> DiskFollower | None:
+        """Another process's object for `key` while it is being written (no Vary)."""
+        return self.disk.follow(object_id(key)) if self.disk is not None else None
 
     # remove --------------------------------------------------------------------------
     def remove(self, key: str) -> None:

@@ -178,3 +178,29 @@ async def test_stale_disk_object_is_revalidated_and_kept(make_origin: Any, make_
     assert hit.body == BIG and hit.header("x-version") == "2"
     assert cs_params(hit).get("hit") is True
     assert calls == ["200", "304"]
+
+
+async def test_workers_sharing_a_disk_fetch_a_cold_object_once(
+    make_origin: Any, make_edge: Any
+) -> None:
+    """Two workers (two edges on one state_dir, as a supervisor's workers are) and a herd on
+    one cold object: one origin fetch; the second worker follows the first one's file."""
+    body = os.urandom(2 << 20)
+
+    async def slow(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Cache-Control": "max-age=600"})
+        resp.content_length = len(body)
+        await resp.prepare(req)
+        for i in range(0, len(body), 256 << 10):
+            await resp.write(body[i : i + (256 << 10)])
+            await asyncio.sleep(0.02)
+        return resp
+
+    origin = await make_origin({"/cold.bin": slow})
+    first = await make_edge([origin.url], top_extra=DISK)
+    second = await make_edge([origin.url], top_extra=DISK)
+    results = await asyncio.gather(
+        *(get(edge, "/cold.bin") for _ in range(20) for edge in (first, second))
+    )
+    assert all(r.status == 200 and r.body == body for r in results)
+    assert origin.hits["/cold.bin"] == 1

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from multiprocessing.synchronize import Event
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -689,3 +690,30 @@ def test_remove_key_purges_every_variant_and_only_them(store: DiskStore) -> None
     assert store.remove_key(key) == 3
     assert all(store.lookup(oid) is None for oid in ids)
     assert read_body(store, object_id(other)) == b"body of " + object_id(other).encode()
+
+
+def _try_claim(root: str, oid: str, result: Any) -> None:
+    store = DiskStore(Path(root), 1 << 30)
+    claim = store.claim(oid)
+    result.put(claim is not None)
+    if claim is not None:
+        claim.release()
+    store.close()
+
+
+def test_claim_is_host_wide_and_released(store: DiskStore, tmp_path: Path) -> None:
+    oid = object_id("a.test/claimed")
+    claim = store.claim(oid)
+    assert claim is not None and store.claimed(oid)
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    child = ctx.Process(target=_try_claim, args=(str(tmp_path), oid, result))
+    child.start()
+    child.join(20)
+    assert result.get(timeout=5) is False  # another process cannot take it
+    claim.release()
+    claim.release()  # idempotent
+    assert not store.claimed(oid)
+    again = store.claim(oid)
+    assert again is not None
+    again.release()
