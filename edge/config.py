@@ -63,6 +63,9 @@ class CacheRule:
     # True: the origin's Cache-Control wins whenever it says anything, `ttl` only fills in when the
     # origin gives no freshness. False: `ttl` overrides the origin's freshness.
     respect_origin: bool = True
+    # Fetch and cache matching objects in slices of this many bytes (Range requests to the
+    # origin), so a seek fetches only the slices it covers. None: whole objects.
+    slice: int | None = None
 
     def matches(self, path: str) -> bool:
         """Whether `path` (a request path, already normalised by the caller) falls under this rule.
@@ -126,6 +129,9 @@ class CacheSettings:
     # Largest object stored at all; bigger responses pass through unstored. <= disk. Without a
     # disk tier, memory_max_object is the limit.
     max_object: int = 4 * 2**30
+    # A Range request for an object not yet cached fetches only the slices of this size that
+    # cover it (a seek into a cold 4 GiB video fetches a few MiB, not 4 GiB). 0: whole objects.
+    slice: int = 2**20
 
     @property
     def largest_stored(self) -> int:
@@ -268,11 +274,11 @@ _EDGE_KEYS = (
     "send_timeout",
     "edge_id",
 )
-_CACHE_KEYS = ("memory", "memory_max_object", "disk", "max_object")
+_CACHE_KEYS = ("memory", "memory_max_object", "disk", "max_object", "slice")
 _ORIGIN_KEYS = ("connect_timeout", "first_byte_timeout", "idle_read_timeout", "max_connections")
 _DOMAIN_KEYS = ("name", "origins", "origin_host", "rules", "query")
 _RULE_KINDS: tuple[Literal["suffix", "prefix", "path"], ...] = ("suffix", "prefix", "path")
-_RULE_KEYS = (*_RULE_KINDS, "ttl", "respect_origin")
+_RULE_KEYS = (*_RULE_KINDS, "ttl", "respect_origin", "slice")
 _QUERY_KEYS = ("mode", "params")
 _QUERY_MODES: tuple[Literal["keep_all", "ignore_all", "keep", "drop"], ...] = (
     "keep_all",
@@ -379,8 +385,12 @@ def _parse_cache(table: dict[str, object]) -> CacheSettings:
         raise _Invalid(
             "cache.max_object", f"{max_object} bytes is more than cache.disk ({disk} bytes)"
         )
+    slice_size = _size(table, "slice", "cache", defaults.slice, allow_zero=True)
+    if slice_size and slice_size < 64 * 1024:
+        raise _Invalid("cache.slice", f"{slice_size} bytes is less than 64KiB")
     return CacheSettings(
-        memory=memory, memory_max_object=memory_max, disk=disk, max_object=max_object
+        memory=memory, memory_max_object=memory_max, disk=disk, max_object=max_object,
+        slice=slice_size,
     )
 
 
@@ -469,7 +479,12 @@ def _parse_rule(table: dict[str, object], prefix: str) -> CacheRule:
         raise _Invalid(
             f"{prefix}.respect_origin", "false needs a ttl to override the origin's freshness with"
         )
-    return CacheRule(kind=kind, values=values, ttl=ttl, respect_origin=respect_origin)
+    slice_size = _size(table, "slice", prefix, 0) or None
+    if slice_size is not None and slice_size < 64 * 1024:
+        raise _Invalid(f"{prefix}.slice", f"{slice_size} bytes is less than 64KiB")
+    return CacheRule(
+        kind=kind, values=values, ttl=ttl, respect_origin=respect_origin, slice=slice_size
+    )
 
 
 def _rule_value(kind: str, value: str, key: str) -> str:

@@ -154,6 +154,19 @@ class Tiers:
     def keep_in_memory(self, obj: CachedObject) -> bool:
         return self.memory.put(obj)
 
+    def store_complete(self, obj: CachedObject) -> bool:
+        """Store an object whose whole body is in memory (a slice): both tiers."""
+        kept = obj.body_length <= self.settings.memory_max_object and self.memory.put(obj)
+        writer = self.spool(obj, obj.body_length)
+        if writer is None:
+            return kept
+        try:
+            writer.append(obj.body)
+        except OSError:
+            writer.abort()
+            return kept
+        return self.commit(writer, obj) or kept
+
     def store_revalidated(self, obj: CachedObject) -> None:
         """Store `obj`: a 304's refreshed fields over a stored body (in `body` or `file`)."""
         if obj.file is None:

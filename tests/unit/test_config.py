@@ -158,7 +158,8 @@ def test_defaults() -> None:
     assert config.edge.listen == ("127.0.0.1", 8080)
     assert config.edge.edge_id == socket.gethostname()
     assert config.cache == CacheSettings(
-        memory=256 * 2**20, memory_max_object=2**20, disk=10 * 2**30, max_object=4 * 2**30
+        memory=256 * 2**20, memory_max_object=2**20, disk=10 * 2**30, max_object=4 * 2**30,
+        slice=2**20,
     )
     assert config.cache.largest_stored == 4 * 2**30
     assert config.origin == OriginSettings(5.0, 30.0, 30.0, 512)
@@ -185,7 +186,8 @@ def test_example_config_loads_and_documents_defaults() -> None:
     assert config.cache == CacheSettings()
     assert config.origin == OriginSettings()
     (domain,) = config.domains.values()
-    assert [rule.kind for rule in domain.rules] == ["suffix", "prefix", "path"]
+    assert [rule.kind for rule in domain.rules] == ["suffix", "suffix", "prefix", "path"]
+    assert domain.rules[0].slice == 2**20
     assert domain.query.mode == "drop"
 
 
@@ -197,7 +199,8 @@ def test_example_config_mentions_every_key() -> None:
     documented |= {"domains", "rules"} if "[[domains.rules]]" in text else set()
     settings = (EdgeSettings, CacheSettings, OriginSettings, DomainConfig, QueryPolicy)
     keys = {f.name for cls in settings for f in dataclasses.fields(cls)}
-    keys |= {"suffix", "prefix", "path", "ttl", "respect_origin", "edge", "cache", "origin"}
+    keys |= {"suffix", "prefix", "path", "ttl", "respect_origin", "slice"}
+    keys |= {"edge", "cache", "origin"}
     keys |= {"domains"}
     assert keys - documented == set()
 
