@@ -10,10 +10,12 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from edge.config import ConfigError, EdgeConfig, load_config
+
+T = TypeVar("T")
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -23,29 +25,46 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _run(main: Coroutine[Any, Any, None], loop_name: str) -> None:
+def _run(main: Coroutine[Any, Any, T], loop_name: str) -> T:
     if loop_name == "uvloop":
         import uvloop
 
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _load(path: str) -> EdgeConfig:
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as e:
         print(f"cdn: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if config.edge.workers != 1:
-        print(
-            f"cdn: {path}: edge.workers: {config.edge.workers} workers are not supported yet; "
-            "set workers = 1",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    return config
+
+
+def _edge(path: str, loop_name: str, log_level: str, drain_timeout: float) -> int:
+    from edge.supervisor import read_config, supervise
+
+    try:
+        config, text = read_config(path)
+    except ConfigError as e:
+        print(f"cdn: {e}", file=sys.stderr)
+        return 2
+    return _run(
+        supervise(
+            config, text, loop_name=loop_name, log_level=log_level, drain_timeout=drain_timeout
+        ),
+        loop_name,
+    )
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return seconds
 
 
 async def _wait_for_signal() -> None:
@@ -70,6 +89,7 @@ async def _origin_main(host: str, port: int, directory: Path) -> None:
 
 
 async def _demo_main(config: EdgeConfig) -> None:
+    """The demo runs one in-process worker, whatever `workers` says: it is for trying out."""
     from edge.sample_origin import ensure_sample_files, serve_origin
     from edge.worker import EdgeWorker
 
@@ -122,8 +142,20 @@ def main(argv: list[str] | None = None) -> None:
         help="event loop (default uvloop)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_edge = sub.add_parser("edge", help="run an edge from a config file")
+    p_edge = sub.add_parser(
+        "edge",
+        help="run an edge from a config file",
+        description="Run a supervisor and `workers` worker processes. SIGTERM/SIGINT: drain "
+        "and exit; SIGHUP: reload the config file.",
+    )
     p_edge.add_argument("--config", required=True, help="edge TOML config")
+    p_edge.add_argument(
+        "--drain-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long stopping workers may finish in-flight responses (default 10)",
+    )
     p_origin = sub.add_parser("origin", help="run the sample origin (demo and benchmarks)")
     p_origin.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 8001))
     p_origin.add_argument("--dir", type=Path, default=Path("var/demo/origin"))
@@ -135,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "edge":
-        from edge.worker import serve_until_signal
-
-        _run(serve_until_signal(_load(args.config)), args.loop)
+        sys.exit(_edge(args.config, args.loop, args.log_level, args.drain_timeout))
     elif args.command == "origin":
         host, port = args.listen
         _run(_origin_main(host, port, args.dir), args.loop)

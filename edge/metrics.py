@@ -1,14 +1,22 @@
 """The edge's counters and their Prometheus view (admin listener `/metrics`).
 
 Counting is plain integer arithmetic on the request path: prometheus-client's Counter takes a
-lock per increment, and the hit path should not. A custom collector turns the counters into
-metric families at scrape time, which also lets a supervisor add up several workers later.
+lock per increment, and the hit path should not. At scrape time the counters become a
+`Snapshot`, a JSON-able dict, and the snapshot becomes metric families. A single in-process
+worker renders its own snapshot (`StatsCollector`); under the supervisor every worker sends its
+snapshot over its control socket and the supervisor renders the sum (`merge_snapshots`), so one
+`/metrics` covers all workers without prometheus-client's multiprocess mode (LIBRARIES.md).
+
+Adding a counter: an attribute on `EdgeStats` (an int, or a `Counter` for one bounded label) and
+a row in `COUNTERS`. Adding a gauge: a key in `worker_snapshot` and a row in `GAUGES`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal, TypedDict
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -22,6 +30,16 @@ OUTCOMES = (
 )
 
 _STATUS_CLASSES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx", "other", "other", "other", "other")
+
+# A counter is a number, or numbers by one label's values.
+CounterValue = int | dict[str, int]
+
+
+class Snapshot(TypedDict):
+    """One worker's metrics (or a sum of several): what crosses the supervisor's socket."""
+
+    counters: dict[str, CounterValue]
+    gauges: dict[str, int]
 
 
 class EdgeStats:
@@ -43,71 +61,154 @@ class EdgeStats:
         self.bytes_sent += bytes_sent
         self.body_bytes_sent += body_bytes
 
+    def snapshot(self) -> dict[str, CounterValue]:
+        """Every counter by attribute name, copied, so that a new counter needs no code here."""
+        out: dict[str, CounterValue] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, Counter):
+                out[name] = dict(value)
+            elif isinstance(value, int):
+                out[name] = value
+        return out
+
+
+def worker_snapshot(stats: EdgeStats, memory: MemoryTier) -> Snapshot:
+    counters = stats.snapshot()
+    counters["memory_tier_evictions"] = memory.evictions
+    return {
+        "counters": counters,
+        "gauges": {
+            "memory_tier_bytes": memory.bytes_used,
+            "memory_tier_budget_bytes": memory.budget,
+            "memory_tier_objects": len(memory),
+        },
+    }
+
+
+def empty_snapshot() -> Snapshot:
+    return {"counters": {}, "gauges": {}}
+
+
+def merge_snapshots(snapshots: Iterable[Snapshot], *, counters_only: bool = False) -> Snapshot:
+    """The sum of `snapshots`: counters add up, and gauges too (by `GAUGES`' merge rule).
+
+    `counters_only` is for workers that have exited: what they counted stays in the totals (so
+    that counters never go backwards across restarts and reloads), what they held does not.
+    """
+    out = empty_snapshot()
+    counters = out["counters"]
+    gauges = out["gauges"]
+    for snap in snapshots:
+        for name, value in snap["counters"].items():
+            if isinstance(value, dict):
+                into = counters.setdefault(name, {})
+                if isinstance(into, dict):
+                    for label, n in value.items():
+                        into[label] = into.get(label, 0) + n
+            else:
+                total = counters.get(name, 0)
+                if isinstance(total, int):
+                    counters[name] = total + value
+        if counters_only:
+            continue
+        for name, n in snap["gauges"].items():
+            if _GAUGE_MERGE.get(name, "sum") == "max":
+                gauges[name] = max(gauges.get(name, n), n)
+            else:
+                gauges[name] = gauges.get(name, 0) + n
+    return out
+
+
+def request_count(snapshot: Snapshot) -> int:
+    requests = snapshot["counters"].get("requests", {})
+    return sum(requests.values()) if isinstance(requests, dict) else requests
+
+
+@dataclass(frozen=True, slots=True)
+class _Family:
+    key: str  # in the snapshot
+    name: str  # Prometheus name, without the _total that prometheus-client adds to counters
+    help: str
+    label: str | None = None
+    # Gauges only: "sum" for what each worker holds for itself, "max" for a value every worker
+    # reports about something they share (a disk tier's size, say), which must not be summed.
+    merge: Literal["sum", "max"] = "sum"
+
+
+COUNTERS = (
+    _Family("requests", "cdn_edge_requests", "Requests answered, by cache outcome", "cache"),
+    _Family("status_classes", "cdn_edge_responses", "Responses by status class", "code"),
+    _Family("bytes_sent", "cdn_edge_sent_bytes", "Bytes written to clients (heads and bodies)"),
+    _Family("body_bytes_sent", "cdn_edge_sent_body_bytes", "Body bytes written to clients"),
+    _Family("origin_fetches", "cdn_edge_origin_fetches", "Requests sent to origins"),
+    _Family("origin_errors", "cdn_edge_origin_errors", "Origin failures by kind", "kind"),
+    _Family("origin_bytes", "cdn_edge_origin_body_bytes", "Body bytes read from origins"),
+    _Family(
+        "coalesced_waits",
+        "cdn_edge_coalesced_waits",
+        "Requests that joined another request's origin fetch",
+    ),
+    _Family("stored_objects", "cdn_edge_stored_objects", "Responses stored in the cache"),
+    _Family(
+        "not_stored",
+        "cdn_edge_not_stored",
+        "Cacheable-method responses not stored, by reason",
+        "reason",
+    ),
+    _Family(
+        "memory_tier_evictions",
+        "cdn_edge_memory_tier_evictions",
+        "Objects evicted from the memory tier",
+    ),
+)
+
+GAUGES = (
+    _Family(
+        "memory_tier_bytes",
+        "cdn_edge_memory_tier_bytes",
+        "Bytes held by the memory tier (each worker has its own: the sum over workers)",
+    ),
+    _Family(
+        "memory_tier_budget_bytes",
+        "cdn_edge_memory_tier_budget_bytes",
+        "Byte budget of the memory tier (each worker has its own: the sum over workers)",
+    ),
+    _Family(
+        "memory_tier_objects",
+        "cdn_edge_memory_tier_objects",
+        "Objects in the memory tier (each worker has its own: the sum over workers)",
+    ),
+)
+
+_GAUGE_MERGE = {family.key: family.merge for family in GAUGES}
+
+
+def families(snapshot: Snapshot) -> Iterator[Metric]:
+    """The metric families of a snapshot; every family appears, even while still zero."""
+    counters = snapshot["counters"]
+    for family in COUNTERS:
+        value = counters.get(family.key, {} if family.label else 0)
+        if family.label is None:
+            yield CounterMetricFamily(
+                family.name, family.help, value=value if isinstance(value, int) else 0
+            )
+            continue
+        metric = CounterMetricFamily(family.name, family.help, labels=[family.label])
+        if isinstance(value, dict):
+            for label, n in sorted(value.items()):
+                metric.add_metric([label], n)
+        yield metric
+    gauges = snapshot["gauges"]
+    for family in GAUGES:
+        yield GaugeMetricFamily(family.name, family.help, value=gauges.get(family.key, 0))
+
 
 class StatsCollector(Collector):
+    """One process's own counters: the admin listener of an in-process `EdgeWorker`."""
+
     def __init__(self, stats: EdgeStats, memory: MemoryTier) -> None:
         self._stats = stats
         self._memory = memory
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats
-        requests = CounterMetricFamily(
-            "cdn_edge_requests", "Requests answered, by cache outcome", labels=["cache"]
-        )
-        for outcome, n in sorted(s.requests.items()):
-            requests.add_metric([outcome], n)
-        yield requests
-        statuses = CounterMetricFamily(
-            "cdn_edge_responses", "Responses by status class", labels=["code"]
-        )
-        for code, n in sorted(s.status_classes.items()):
-            statuses.add_metric([code], n)
-        yield statuses
-        yield CounterMetricFamily(
-            "cdn_edge_sent_bytes", "Bytes written to clients (heads and bodies)",
-            value=s.bytes_sent,
-        )
-        yield CounterMetricFamily(
-            "cdn_edge_sent_body_bytes", "Body bytes written to clients", value=s.body_bytes_sent
-        )
-        yield CounterMetricFamily(
-            "cdn_edge_origin_fetches", "Requests sent to origins", value=s.origin_fetches
-        )
-        errors = CounterMetricFamily(
-            "cdn_edge_origin_errors", "Origin failures by kind", labels=["kind"]
-        )
-        for kind, n in sorted(s.origin_errors.items()):
-            errors.add_metric([kind], n)
-        yield errors
-        yield CounterMetricFamily(
-            "cdn_edge_origin_body_bytes", "Body bytes read from origins", value=s.origin_bytes
-        )
-        yield CounterMetricFamily(
-            "cdn_edge_coalesced_waits",
-            "Requests that joined another request's origin fetch",
-            value=s.coalesced_waits,
-        )
-        yield CounterMetricFamily(
-            "cdn_edge_stored_objects", "Responses stored in the cache", value=s.stored_objects
-        )
-        not_stored = CounterMetricFamily(
-            "cdn_edge_not_stored", "Cacheable-method responses not stored, by reason",
-            labels=["reason"],
-        )
-        for reason, n in sorted(s.not_stored.items()):
-            not_stored.add_metric([reason], n)
-        yield not_stored
-        m = self._memory
-        yield GaugeMetricFamily(
-            "cdn_edge_memory_tier_bytes", "Bytes held by the memory tier", value=m.bytes_used
-        )
-        yield GaugeMetricFamily(
-            "cdn_edge_memory_tier_budget_bytes", "Byte budget of the memory tier", value=m.budget
-        )
-        yield GaugeMetricFamily(
-            "cdn_edge_memory_tier_objects", "Objects in the memory tier", value=len(m)
-        )
-        yield CounterMetricFamily(
-            "cdn_edge_memory_tier_evictions", "Objects evicted from the memory tier",
-            value=m.evictions,
-        )
+        yield from families(worker_snapshot(self._stats, self._memory))

@@ -1,29 +1,48 @@
-"""One edge worker process: data-path server, origin client, cache and admin listener.
+"""One edge worker: data-path server, origin client, cache, and (standalone) admin listener.
 
 Explicit lifecycle: `start()` binds and serves, `stop()` drains in-flight responses (bounded),
 then cancels and awaits everything it started.
+
+Two ways to run it:
+- in-process, `EdgeWorker(config)`: binds `listen` itself and serves its own admin listener
+  (the test suite, the demo);
+- as a worker process of the supervisor (`python -m edge.worker`, started by
+  edge/supervisor.py): it inherits its listening socket and a control socket, serves no admin
+  listener, and answers the supervisor's stats requests over the control socket instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import socket
+import sys
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from edge.admin import make_admin_app
-from edge.config import EdgeConfig
+from edge.config import EdgeConfig, parse_config
 from edge.fetch import OriginClient
-from edge.metrics import EdgeStats, StatsCollector
+from edge.metrics import EdgeStats, Snapshot, StatsCollector, worker_snapshot
 from edge.request import EdgeProxy
 from edge.server import HttpServer
 from edge.store import MemoryTier
 
 log = logging.getLogger("edge.worker")
+
+# After it stops accepting, a stopping worker waits this long before it closes connections that
+# have no request in progress: a connection accepted an instant before has not had its request
+# read yet, and closing it would fail a request the client already sent.
+ACCEPT_SETTLE = 0.2
+
+# The control socket's longest line: the first one carries the whole config file.
+CONTROL_LINE_LIMIT = 2**26
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -40,7 +59,20 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 class EdgeWorker:
-    def __init__(self, config: EdgeConfig) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        admin: bool = True,
+        sock: socket.socket | None = None,
+        accept_settle: float = 0.0,
+    ) -> None:
+        """`admin`: serve `admin_listen` here (False under the supervisor, which serves it).
+
+        `sock`: an already listening socket to serve (the supervisor's); None binds `listen`.
+        `accept_settle`: see ACCEPT_SETTLE; worth it only where another process keeps
+        accepting on the same socket, so 0 in-process.
+        """
         self.config = config
         self.stats = EdgeStats()
         self.store = MemoryTier(config.cache.memory)
@@ -55,52 +87,171 @@ class EdgeWorker:
         )
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(StatsCollector(self.stats, self.store))
+        self._with_admin = admin
+        self._sock = sock
+        self._accept_settle = accept_settle
         self._admin: web.AppRunner | None = None
         self._ready = False
         self.port = 0
         self.admin_port = 0
 
+    def snapshot(self) -> Snapshot:
+        return worker_snapshot(self.stats, self.store)
+
     async def start(self) -> None:
         await self.origin.start()
-        host, port = self.config.edge.listen
-        sock = listen_socket(host, port)
-        self.port = sock.getsockname()[1]
+        await self.proxy.start()
+        sock = self._sock
+        if sock is None:
+            sock = listen_socket(*self.config.edge.listen)
+        sock.setblocking(False)
+        host, self.port = sock.getsockname()[:2]
         await self.server.start(sock)
-        admin_host, admin_port = self.config.edge.admin_listen
-        self._admin = web.AppRunner(
-            make_admin_app(self.registry, lambda: self._ready),
-            access_log=None,
-            keepalive_timeout=15,
-        )
-        await self._admin.setup()
-        site = web.TCPSite(self._admin, admin_host, admin_port, reuse_address=True)
-        await site.start()
-        # Port 0 means "any free port" (tests): read back what was bound.
-        self.admin_port = self._admin.addresses[0][1]
+        if self._with_admin:
+            admin_host, admin_port = self.config.edge.admin_listen
+            self._admin = web.AppRunner(
+                make_admin_app(self.registry, lambda: self._ready),
+                access_log=None,
+                keepalive_timeout=15,
+            )
+            await self._admin.setup()
+            site = web.TCPSite(self._admin, admin_host, admin_port, reuse_address=True)
+            await site.start()
+            # Port 0 means "any free port" (tests): read back what was bound.
+            self.admin_port = self._admin.addresses[0][1]
+            log.info(
+                "edge serving on %s:%d, admin on %s:%d", host, self.port, admin_host,
+                self.admin_port,
+            )
+        else:
+            log.info("edge worker serving on %s:%d", host, self.port)
         self._ready = True
-        log.info(
-            "edge serving on %s:%d, admin on %s:%d", host, self.port, admin_host, self.admin_port
-        )
 
     async def stop(self, grace: float = 10.0) -> None:
         self._ready = False
-        await self.server.stop(grace)
+        settle = min(self._accept_settle, grace / 4)
+        # HttpServer.stop() closes idle connections right after it stops accepting; stop
+        # accepting first and give just-accepted connections time to deliver their request.
+        # (Under the supervisor the listening socket stays open in the supervisor and the next
+        # generation: connections waiting in its queue are not lost.)
+        listener = self.server._server  # no public "stop accepting" on HttpServer yet
+        if listener is not None and settle > 0:
+            listener.close()
+            await asyncio.sleep(settle)
+        await self.server.stop(grace - settle)
         await self.proxy.close()
         await self.origin.close()
         if self._admin is not None:
             await self._admin.cleanup()
 
 
-async def serve_until_signal(config: EdgeConfig) -> None:
-    """Run one worker until SIGTERM or SIGINT, then drain and exit."""
-    worker = EdgeWorker(config)
-    await worker.start()
-    stop = asyncio.Event()
+# --- worker process under the supervisor ------------------------------------------------------
+#
+# Control socket protocol: one JSON object per line, both ways.
+#   supervisor -> worker, first line: {"op": "config", "source": PATH, "text": TOML, "grace": S}
+#   worker -> supervisor, once serving: {"op": "ready", "pid": PID}
+#   supervisor -> worker: {"op": "stats", "id": N}
+#   its answer: {"op": "stats", "id": N, "snapshot": {...}}
+#   worker -> supervisor, after draining: {"op": "final", "snapshot": {...}}
+# SIGTERM, or end of file on the control socket (the supervisor is gone), drains and exits.
+
+
+def send_message(writer: asyncio.StreamWriter, message: dict[str, object]) -> None:
+    """One control-socket message: a JSON object on one line."""
+    writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+async def _answer_control(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    worker: EdgeWorker,
+    stop: asyncio.Event,
+) -> None:
+    """Answer stats requests until the supervisor closes the socket (which also means: stop)."""
+    try:
+        while line := await reader.readline():
+            message = json.loads(line)
+            if message.get("op") == "stats":
+                answer = {"op": "stats", "id": message["id"], "snapshot": worker.snapshot()}
+                send_message(writer, answer)
+                await writer.drain()
+            else:
+                log.warning("unknown control message %.100r", line)
+    except ConnectionError:
+        pass
+    stop.set()
+
+
+async def run_worker_process(control_fd: int, listen_fd: int) -> None:
+    """A supervised worker: read its config, serve, answer stats, drain on SIGTERM."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    reader, writer = await asyncio.open_unix_connection(
+        sock=socket.socket(fileno=control_fd), limit=CONTROL_LINE_LIMIT
+    )
+    hello = json.loads(await reader.readline())
+    config = parse_config(hello["text"], hello["source"])
+    grace = float(hello["grace"])
+    worker = EdgeWorker(
+        config,
+        admin=False,
+        sock=socket.socket(fileno=listen_fd),
+        accept_settle=ACCEPT_SETTLE,
+    )
+    await worker.start()
+    send_message(writer, {"op": "ready", "pid": os.getpid()})
+    await writer.drain()
+    control = asyncio.create_task(_answer_control(reader, writer, worker, stop), name="control")
     try:
         await stop.wait()
+        log.info("draining (up to %.1fs)", grace)
+        # Stats requests are still answered while draining: the supervisor's /metrics keeps
+        # counting what this worker finishes.
+        await worker.stop(grace)
+        with contextlib.suppress(ConnectionError):
+            send_message(writer, {"op": "final", "snapshot": worker.snapshot()})
+            await writer.drain()
     finally:
-        await worker.stop()
+        control.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await control
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m edge.worker",
+        description="an edge worker process; started by `cdn edge`, not by hand",
+    )
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=(
+            f"%(asctime)s %(levelname)s %(name)s[worker {args.slot} pid %(process)d]: "
+            "%(message)s"
+        ),
+    )
+    # Ctrl-C and a terminal hangup reach the whole process group: the supervisor decides what
+    # they mean (stop, reload) and tells the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    coro = run_worker_process(args.control_fd, args.listen_fd)
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
