@@ -320,7 +320,10 @@ class _SharedUsage:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def total(self) -> int | None:
-        """Bytes in use on the host, None while untrusted."""
+        """Bytes in use on the host, None while untrusted (or once closed: a stopped worker's
+        last metrics snapshot falls back to its own view)."""
+        if self._fd < 0:
+            return None
         fcntl.flock(self._fd, fcntl.LOCK_SH)
         try:
             total, trusted = self._read()

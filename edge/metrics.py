@@ -21,7 +21,7 @@ from typing import Literal, TypedDict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.store import MemoryTier
+from edge.tiers import Tiers
 
 # Cache-Status outcomes used as the `cache` label; bounded, never per-domain.
 OUTCOMES = (
@@ -72,17 +72,22 @@ class EdgeStats:
         return out
 
 
-def worker_snapshot(stats: EdgeStats, memory: MemoryTier) -> Snapshot:
+def worker_snapshot(stats: EdgeStats, tiers: Tiers) -> Snapshot:
+    memory, disk = tiers.memory, tiers.disk
     counters = stats.snapshot()
     counters["memory_tier_evictions"] = memory.evictions
-    return {
-        "counters": counters,
-        "gauges": {
-            "memory_tier_bytes": memory.bytes_used,
-            "memory_tier_budget_bytes": memory.budget,
-            "memory_tier_objects": len(memory),
-        },
+    gauges = {
+        "memory_tier_bytes": memory.bytes_used,
+        "memory_tier_budget_bytes": memory.budget,
+        "memory_tier_objects": len(memory),
     }
+    if disk is not None:
+        counters["disk_tier_evictions"] = disk.evictions
+        counters["disk_tier_write_errors"] = disk.write_errors
+        counters["disk_tier_corrupt_removed"] = disk.corrupt_removed
+        gauges["disk_tier_bytes"] = disk.bytes_used
+        gauges["disk_tier_budget_bytes"] = disk.budget
+    return {"counters": counters, "gauges": gauges}
 
 
 def empty_snapshot() -> Snapshot:
@@ -160,6 +165,17 @@ COUNTERS = (
         "cdn_edge_memory_tier_evictions",
         "Objects evicted from the memory tier",
     ),
+    _Family("disk_tier_evictions", "cdn_edge_disk_tier_evictions", "Files evicted from disk"),
+    _Family(
+        "disk_tier_write_errors",
+        "cdn_edge_disk_tier_write_errors",
+        "Disk writes that failed (full or failing disk); those responses passed through",
+    ),
+    _Family(
+        "disk_tier_corrupt_removed",
+        "cdn_edge_disk_tier_corrupt_removed",
+        "Truncated or corrupt cache files found and removed (never served)",
+    ),
 )
 
 GAUGES = (
@@ -177,6 +193,18 @@ GAUGES = (
         "memory_tier_objects",
         "cdn_edge_memory_tier_objects",
         "Objects in the memory tier (each worker has its own: the sum over workers)",
+    ),
+    _Family(
+        "disk_tier_bytes",
+        "cdn_edge_disk_tier_bytes",
+        "Bytes of cached files on the host's disk tier (shared by the workers)",
+        merge="max",
+    ),
+    _Family(
+        "disk_tier_budget_bytes",
+        "cdn_edge_disk_tier_budget_bytes",
+        "Byte budget of the host's disk tier (shared by the workers)",
+        merge="max",
     ),
 )
 
@@ -206,9 +234,9 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
 class StatsCollector(Collector):
     """One process's own counters: the admin listener of an in-process `EdgeWorker`."""
 
-    def __init__(self, stats: EdgeStats, memory: MemoryTier) -> None:
+    def __init__(self, stats: EdgeStats, tiers: Tiers) -> None:
         self._stats = stats
-        self._memory = memory
+        self._tiers = tiers
 
     def collect(self) -> Iterator[Metric]:
-        yield from families(worker_snapshot(self._stats, self._memory))
+        yield from families(worker_snapshot(self._stats, self._tiers))

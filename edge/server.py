@@ -747,10 +747,14 @@ class HttpServer:
             for conn in list(self.connections):
                 conn.idle_check(now, self.keepalive_timeout, self.head_timeout, self.send_timeout)
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, let in-flight responses finish for up to `grace` s, then cut."""
+    def stop_accepting(self) -> None:
+        """Accept no new connections; those already accepted go on."""
         if self._server is not None:
             self._server.close()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let in-flight responses finish for up to `grace` s, then cut."""
+        self.stop_accepting()
         for conn in list(self.connections):
             conn.shutdown()
         deadline = time.monotonic() + grace

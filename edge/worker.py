@@ -86,7 +86,7 @@ class EdgeWorker:
             send_timeout=config.edge.send_timeout,
         )
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(StatsCollector(self.stats, self.store))
+        self.registry.register(StatsCollector(self.stats, self.proxy.tiers))
         self._with_admin = admin
         self._sock = sock
         self._accept_settle = accept_settle
@@ -96,7 +96,7 @@ class EdgeWorker:
         self.admin_port = 0
 
     def snapshot(self) -> Snapshot:
-        return worker_snapshot(self.stats, self.store)
+        return worker_snapshot(self.stats, self.proxy.tiers)
 
     async def start(self) -> None:
         await self.origin.start()
@@ -134,9 +134,8 @@ class EdgeWorker:
         # accepting first and give just-accepted connections time to deliver their request.
         # (Under the supervisor the listening socket stays open in the supervisor and the next
         # generation: connections waiting in its queue are not lost.)
-        listener = self.server._server  # no public "stop accepting" on HttpServer yet
-        if listener is not None and settle > 0:
-            listener.close()
+        if settle > 0:
+            self.server.stop_accepting()
             await asyncio.sleep(settle)
         await self.server.stop(grace - settle)
         await self.proxy.close()

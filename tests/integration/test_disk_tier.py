@@ -13,7 +13,7 @@ from aiohttp import web
 
 from edge.worker import EdgeWorker
 from tests.integration.conftest import Edge
-from tests.integration.edgetest import cs_params, fixed, get
+from tests.integration.edgetest import cs_params, fixed, get, metrics
 
 DISK = '[cache]\nmemory_max_object = "64KiB"\ndisk = "64MiB"\n'
 BIG = os.urandom(3 << 20)  # on disk only (> memory_max_object)
@@ -47,6 +47,9 @@ async def test_large_object_is_served_from_disk_with_sendfile(
     miss = await get(edge, "/v.mp4")
     assert miss.body == BIG and "stored" in cs_params(miss)
     await settled_files(edge, 1)
+    m = await metrics(edge)
+    assert m["cdn_edge_disk_tier_bytes"] >= len(BIG)
+    assert m["cdn_edge_disk_tier_budget_bytes"] == 64 << 20
     sent: list[int] = []
     real = os.sendfile
 
@@ -127,8 +130,8 @@ async def test_a_failing_disk_never_fails_a_request(make_origin: Any, make_edge:
         assert resp.status == 200 and resp.body == BIG
         assert "stored" not in cs_params(resp)
     assert origin.hits["/v.mp4"] == 3
-    assert edge.worker.proxy.tiers.disk is not None
-    assert edge.worker.proxy.tiers.disk.write_errors >= 3
+    m = await metrics(edge)
+    assert m["cdn_edge_disk_tier_write_errors_total"] >= 3
 
 
 async def test_vary_variants_and_invalidation_on_disk(make_origin: Any, make_edge: Any) -> None:

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from edge.config import CacheSettings
 from edge.metrics import EdgeStats, merge_snapshots, worker_snapshot
 from edge.store import MemoryTier
 from edge.supervisor import backoff
+from edge.tiers import Tiers
 from tests.integration.conftest import Origin
 from tests.rawhttp import RawResponse, request
 
@@ -235,14 +237,14 @@ def test_snapshots_add_up_and_exited_workers_keep_only_their_counters() -> None:
     b.account("hit", 200, 10, 8)
     b.account("miss", 502, 5, 0)
     b.origin_errors["connect"] += 1
-    memory = MemoryTier(1000)
-    merged = merge_snapshots([worker_snapshot(a, memory), worker_snapshot(b, memory)])
+    tiers = Tiers(MemoryTier(1000), CacheSettings(memory=1000, disk=0), "unused")
+    merged = merge_snapshots([worker_snapshot(a, tiers), worker_snapshot(b, tiers)])
     assert merged["counters"]["requests"] == {"hit": 2, "miss": 1}
     assert merged["counters"]["status_classes"] == {"2xx": 2, "5xx": 1}
     assert merged["counters"]["bytes_sent"] == 115
     assert merged["counters"]["origin_errors"] == {"connect": 1}
     assert merged["gauges"]["memory_tier_budget_bytes"] == 2000
-    retired = merge_snapshots([worker_snapshot(a, memory)], counters_only=True)
+    retired = merge_snapshots([worker_snapshot(a, tiers)], counters_only=True)
     assert retired["gauges"] == {}
     assert retired["counters"]["requests"] == {"hit": 1}
     # A snapshot is plain JSON: it crosses the control socket unchanged.
