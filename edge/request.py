@@ -921,12 +921,14 @@ class EdgeProxy:
             if_range, first.obj.headers
         ):
             ranges = None
+        age = int(first.obj.age(time.time()))
         status_value = policy.cache_status(
             hit=first.hit, fwd=None if first.hit else "uri-miss",
             fwd_status=None if first.hit else 206, stored=not first.hit and first.stored,
+            ttl=int(first.obj.lifetime) - age if first.hit or first.stored else None,
             detail="slice",
         )
-        tail = f"Cache-Status: {status_value}\r\n".encode()
+        tail = f"Age: {age}\r\nCache-Status: {status_value}\r\n".encode()
         if ranges == []:
             body = b"range not satisfiable\n"
             extra = f"Content-Range: bytes */{total}\r\n".encode()

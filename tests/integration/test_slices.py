@@ -66,6 +66,7 @@ async def test_cold_seek_fetches_only_the_slices_it_covers(
     again = await get(edge, "/movie.bin", {"Range": f"bytes={start}-{start + 99}"})
     assert again.body == content(1)[start : start + 100]
     assert cs_params(again).get("hit") is True and cs_params(again)["detail"] == "slice"
+    assert again.header("age") is not None and 590 <= int(cs_params(again)["ttl"]) <= 600
     tail = await get(edge, "/movie.bin", {"Range": "bytes=-100"})
     assert tail.status == 206 and tail.body == content(1)[-100:]
     # A suffix range needs the length first: slice 0, then the last slice.

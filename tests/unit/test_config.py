@@ -214,8 +214,10 @@ def test_demo_config() -> None:
     assert list(config.domains) == ["demo.cdn.test"]
     domain = config.domains["demo.cdn.test"]
     assert domain.origins == ("http://127.0.0.1:8001",)
+    assert config.cache.disk == 2 * 2**30
     assert domain.rules == (
-        CacheRule("suffix", (".jpg", ".png", ".mp4"), 86400, True),
+        CacheRule("suffix", (".mp4",), 86400, True, slice=2**20),
+        CacheRule("suffix", (".jpg", ".png"), 86400, True),
         CacheRule("prefix", ("/api/",), 0, True),
     )
     assert config.domain_for_host("demo.cdn.test:8080") is domain
