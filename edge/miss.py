@@ -85,7 +85,10 @@ class Fills(Passing):
                 domain, key, rule, ex, stale=stale, register=coalesce, store=not req.no_store,
                 busy_key=busy_key,
             )
-        return self.deliver_fill(ex, domain, key, rule, req, fwd, fill, collapsed, stale)
+        # Registered now, not when the coroutine first runs: a fill that runs ahead (a body
+        # already on disk, fed in one go) must neither drop its first bytes nor find no reader.
+        reader = fill.reader()
+        return self.deliver_fill(ex, domain, key, rule, req, fwd, fill, reader, collapsed, stale)
 
     def start_fill(
         self,
@@ -446,15 +449,10 @@ class Fills(Passing):
         req: RequestDirectives,
         fwd: str,
         fill: Fill,
+        reader: FillReader,
         collapsed: bool,
         stale: CachedObject | None,
     ) -> None:
-        if collapsed and not fill.can_join():
-            # Joined in `miss`, but in the loop turn since then the fill dropped its first
-            # bytes (an unstored body trims behind its readers): start over.
-            await self.miss(ex, domain, key, rule, req, fwd, stale=stale)
-            return
-        reader = fill.reader()
         try:
             try:
                 fhead = await fill.head
