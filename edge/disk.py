@@ -88,6 +88,9 @@ LOG_INTERVAL = 60.0  # seconds between two "writes failed" lines
 _REBUILD_BATCH = 200  # files checked per step of rebuild(), off the event loop
 
 
+VARY_STUB = "vary-stub"  # ObjectMeta.extra key of a key's Vary stub (meta only, no body)
+
+
 class DiskError(OSError):
     """The disk failed a write: the response passes through unstored. An OSError, so callers
     that handle any file error (the fill's spool) handle this one."""
@@ -437,6 +440,9 @@ class DiskStore:
             meta = _decode_meta(raw)
         except (OSError, _Corrupt):
             os.close(fd)
+            return None
+        if meta.extra.get(VARY_STUB):
+            os.close(fd)  # a Vary stub being written names variants; it is no body to follow
             return None
         return DiskFollower(meta, length, fd, offset, self.stall_timeout)
 

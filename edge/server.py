@@ -616,11 +616,21 @@ class HttpConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is None:
             return None
-        while transport.get_write_buffer_size():
-            await self.drain()
-            await asyncio.sleep(0.001)  # the buffer drains below the low-water mark first
-            if self.closed:
-                raise ClientGone("client closed")
+        if transport.get_write_buffer_size():
+            # Pause until the buffer is empty, not just below the high-water mark; the send
+            # timeout applies meanwhile (a client that stops reading is cut).
+            transport.set_write_buffer_limits(high=0, low=0)
+            try:
+                while transport.get_write_buffer_size():
+                    if self._paused:
+                        await self.drain()
+                    else:  # a loop that did not pause us at once: look again shortly
+                        await asyncio.sleep(0.001)
+                    if self.closed:
+                        raise ClientGone("client closed")
+            finally:
+                if not self.closed:
+                    transport.set_write_buffer_limits()
         return os.dup(sock.fileno())
 
     async def wait_writable(self, fd: int) -> None:

@@ -24,6 +24,7 @@ from edge.range import coalesce_ranges, if_range_allows, parse_range
 from edge.server import Exchange, synth_fields
 from edge.slices import (
     ContentRange,
+    expected_span,
     parse_content_range,
     same_version,
     slice_key,
@@ -48,7 +49,7 @@ class Slicing(Fills):
     def _slice_size(self, ex: Exchange, rule: CacheRule | None) -> int:
         """Slice size for a request whose object is not cached whole: a rule's, or the
         default for a Range request (a seek); 0 for a whole-object fill."""
-        if ex.method != "GET":
+        if ex.method not in ("GET", "HEAD"):
             return 0
         if rule is not None and rule.slice:
             return rule.slice
@@ -67,16 +68,46 @@ class Slicing(Fills):
         fields = ex.head.headers
         range_value = fields.get("range")
         first_index = _range_start(range_value) // size
+        opened: list[Slice] = []  # stored slices hold a descriptor each: ours to close
         try:
-            first = await self.get_slice(domain, key, first_index, size, ex, rule)
-        except OriginError as e:
-            self.synth(ex, e.status, e.reason, "error", fwd="uri-miss")
-            return
-        if first is None:
-            # The origin ignores Range (or the object is not sliceable): whole-object fill.
-            self.whole_only[key] = True
-            await self.miss(ex, domain, key, rule, req, "uri-miss", stale=None)
-            return
+            try:
+                first = await self.get_slice(domain, key, first_index, size, ex, rule, opened)
+            except OriginError as e:
+                self.synth(ex, e.status, e.reason, "error", fwd="uri-miss")
+                return
+            except FillError:
+                self.synth(ex, 502, "invalid origin response", "error", fwd="uri-miss")
+                return
+            except NotSatisfiable as e:
+                body = b"range not satisfiable\n"
+                extra = f"Content-Range: bytes */{e.total}\r\n".encode()
+                ex.send(416, synth_fields(len(body)) + extra, body)
+                self.stats.account("uri-miss", 416, ex.bytes_sent, 0)
+                return
+            if first is None:
+                # The origin ignores Range (or the object is not sliceable): whole-object fill.
+                self.whole_only[key] = True
+                await self.miss(ex, domain, key, rule, req, "uri-miss", stale=None)
+                return
+            await self._deliver_from(ex, domain, key, rule, size, first, first_index, opened)
+        finally:
+            for piece in opened:
+                if piece.obj.file is not None:
+                    piece.obj.file.close()
+
+    async def _deliver_from(
+        self,
+        ex: Exchange,
+        domain: DomainConfig,
+        key: str,
+        rule: CacheRule | None,
+        size: int,
+        first: Slice,
+        first_index: int,
+        opened: list[Slice],
+    ) -> None:
+        fields = ex.head.headers
+        range_value = fields.get("range")
         total = first.span.total
         ranges = parse_range(range_value, total) if range_value else None
         if_range = fields.get("if-range")
@@ -92,11 +123,12 @@ class Slicing(Fills):
             detail="slice",
         )
         tail = f"Age: {age}\r\nCache-Status: {status_value}\r\n".encode()
+        outcome = "hit" if first.hit else "uri-miss"
         if ranges == []:
             body = b"range not satisfiable\n"
             extra = f"Content-Range: bytes */{total}\r\n".encode()
             ex.send(416, synth_fields(len(body)) + extra + tail, body)
-            self.stats.account("hit" if first.hit else "uri-miss", 416, ex.bytes_sent, 0)
+            self.stats.account(outcome, 416, ex.bytes_sent, 0)
             return
         merged = coalesce_ranges(ranges) if ranges else None
         start, end, status = 0, total, 200
@@ -106,12 +138,11 @@ class Slicing(Fills):
         block = replay_block(kept, first.obj.headers.get("via"), end - start)
         if status == 206:
             block += f"Content-Range: bytes {start}-{end - 1}/{total}\r\n".encode()
-        outcome = "hit" if first.hit else "uri-miss"
         ex.start(status, block + tail, end - start)
         try:
-            for index in slices_covering(start, end, size):
+            for index in slices_covering(start, end, size) if not ex.no_body else ():
                 piece = first if index == first_index else await self.get_slice(
-                    domain, key, index, size, ex, rule
+                    domain, key, index, size, ex, rule, opened
                 )
                 if piece is None or not same_version(
                     first.obj.headers, piece.obj.headers, total, piece.span.total
@@ -124,7 +155,7 @@ class Slicing(Fills):
                 b = min(end, piece.span.end) - piece.span.start
                 await self._send_slice(ex, piece.obj, a, b)
             ex.finish()
-        except (OriginError, FillError, OSError):
+        except (OriginError, FillError, NotSatisfiable, OSError):
             ex.abort()
         finally:
             self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
@@ -132,15 +163,12 @@ class Slicing(Fills):
     async def _send_slice(self, ex: Exchange, obj: CachedObject, a: int, b: int) -> None:
         if obj.file is None:
             await ex.write(memoryview(obj.body)[a:b])
-            return
-        try:
+        else:
             await ex.sendfile(obj.file.fd, obj.file.body_offset + a, b - a)
-        finally:
-            obj.file.close()
 
     def _drop_slices(self, key: str, total: int, size: int) -> None:
         for index in range(-(-total // size)):
-            self.tiers.remove(slice_key(key, index))
+            self.tiers.remove(slice_key(key, size, index))
 
     async def get_slice(
         self,
@@ -150,15 +178,23 @@ class Slicing(Fills):
         size: int,
         ex: Exchange,
         rule: CacheRule | None,
+        opened: list[Slice],
     ) -> Slice | None:
         """Slice `index` of the object: stored, or fetched (once per slice at a time) and
-        stored. None when the origin did not answer the Range request with a 206."""
-        skey = slice_key(key, index)
+        stored. None when the origin did not answer the Range request with the exact 206.
+        A stored slice is appended to `opened` (its descriptor is the caller's to close)."""
+        skey = slice_key(key, size, index)
         obj, _ = self.tiers.lookup(skey, {})
         if obj is not None:
             span = parse_content_range(obj.headers.get("content-range"))
-            if span is not None and time.time() < obj.fresh_until:
-                return Slice(obj, span, hit=True, stored=True)
+            if (
+                span is not None
+                and (span.start, span.end) == expected_span(index, size, span.total)
+                and time.time() < obj.fresh_until
+            ):
+                stored = Slice(obj, span, hit=True, stored=True)
+                opened.append(stored)
+                return stored
             if obj.file is not None:
                 obj.file.close()
         pending = self.slice_fetches.get(skey)
@@ -188,9 +224,19 @@ class Slicing(Fills):
         self.stats.origin_fetches += 1
         resp = await self.origin.open(domain, "GET", ex.head.target, headers)
         try:
-            span = parse_content_range(resp.headers.get("Content-Range"))
-            if resp.status != 206 or span is None or span.start != start:
+            if resp.status == 416:
+                unsatisfied = resp.headers.get("Content-Range", "")
+                length = unsatisfied.rpartition("/")[2]
+                if length.isdigit():
+                    raise NotSatisfiable(int(length))  # a probe past the end, not "no Range"
                 return None
+            span = parse_content_range(resp.headers.get("Content-Range"))
+            if (
+                resp.status != 206
+                or span is None
+                or (span.start, span.end) != expected_span(index, size, span.total)
+            ):
+                return None  # ignores Range, or cuts its own spans: whole objects instead
             try:
                 body = await resp.read()
             except (aiohttp.ClientError, TimeoutError) as e:
@@ -217,6 +263,14 @@ class Slicing(Fills):
             return Slice(obj, span, hit=False, stored=stored)
         finally:
             resp.close()
+
+
+class NotSatisfiable(Exception):
+    """The origin answered 416: the object has `total` bytes, the request starts past them."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(total)
+        self.total = total
 
 
 @dataclass(slots=True)

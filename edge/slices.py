@@ -12,9 +12,19 @@ from dataclasses import dataclass
 
 from edge.policy import Headers
 
+SLICE_MARK = "#slice="
 
-def slice_key(key: str, index: int) -> str:
-    return f"{key}#slice={index}"
+
+def slice_key(key: str, size: int, index: int) -> str:
+    """The cache key of one slice; the size is part of it, so that slices cut at another size
+    (a changed config, two worker generations) are never mistaken for these."""
+    return f"{key}{SLICE_MARK}{size}:{index}"
+
+
+def expected_span(index: int, size: int, total: int) -> tuple[int, int]:
+    """What slice `index` must cover of an object of `total` bytes."""
+    start, end = slice_span(index, size)
+    return start, min(end, total)
 
 
 def slice_span(index: int, size: int) -> tuple[int, int]:

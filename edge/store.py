@@ -171,6 +171,10 @@ class MemoryTier:
             self._lru.pop((key, values), None)
         return len(entry[1])
 
+    def remove_prefixed(self, prefix: str) -> int:
+        """Drop every key starting with `prefix` (an object's slices); rare: a full scan."""
+        return sum(self.remove(key) for key in [k for k in self._variants if k.startswith(prefix)])
+
     def _evicted(self, obj: CachedObject) -> None:
         self.evictions += 1
         entry = self._variants.get(obj.key)

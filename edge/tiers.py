@@ -23,6 +23,7 @@ from pathlib import Path
 from edge import policy
 from edge.config import CacheSettings
 from edge.disk import (
+    VARY_STUB,
     Claim,
     DiskEntry,
     DiskError,
@@ -32,12 +33,21 @@ from edge.disk import (
     ObjectMeta,
     object_id,
 )
+from edge.slices import SLICE_MARK
 from edge.store import CachedObject, MemoryTier, forced_directives
 
 log = logging.getLogger("edge.tiers")
 
-STUB = "vary-stub"  # ObjectMeta.extra key marking a key's Vary stub file
 COPY_CHUNK = 1 << 20
+
+
+def disk_id(key: str, vary_values: tuple[str, ...] = ()) -> str:
+    """A key's file id. A slice's id extends its object's primary id (like a Vary variant's),
+    so that removing the object's key removes its slices too."""
+    primary, mark, suffix = key.partition(SLICE_MARK)
+    if not mark:
+        return object_id(key, vary_values)
+    return object_id(primary, (SLICE_MARK + suffix,))
 
 
 def object_meta(obj: CachedObject) -> ObjectMeta:
@@ -107,13 +117,13 @@ class Tiers:
         obj, why = self.memory.lookup(key, request)
         if obj is not None or self.disk is None:
             return obj, why
-        entry = self.disk.lookup(object_id(key))
+        entry = self.disk.lookup(disk_id(key))
         if entry is None:
             return None, why
-        if entry.meta.extra.get(STUB):
+        if entry.meta.extra.get(VARY_STUB):
             values = policy.vary_values(tuple(entry.meta.vary_names), request)
             entry.close()
-            entry = self.disk.lookup(object_id(key, values))
+            entry = self.disk.lookup(disk_id(key, values))
             if entry is None:
                 return None, "vary-miss"
         return self._from_disk(entry), ""
@@ -137,7 +147,7 @@ class Tiers:
             return None
         try:
             return self.disk.begin(
-                object_id(obj.key, obj.vary_values), object_meta(obj), length
+                disk_id(obj.key, obj.vary_values), object_meta(obj), length
             )
         except DiskError:
             return None  # counted and logged (once per interval) by the store
@@ -192,9 +202,9 @@ class Tiers:
         assert self.disk is not None
         meta = object_meta(obj)
         meta.vary_values = ()
-        meta.extra = {STUB: "1"}
+        meta.extra = {VARY_STUB: "1"}
         try:
-            writer = self.disk.begin(object_id(obj.key), meta, 0)
+            writer = self.disk.begin(disk_id(obj.key), meta, 0)
         except DiskError:
             return
         if writer is not None:
@@ -206,17 +216,23 @@ class Tiers:
     def claim(self, key: str) -> Claim | None:
         """The host-wide right to fetch `key` (see DiskStore.claim); None without a disk tier
         or while another process holds it; DiskError when the disk fails."""
-        return self.disk.claim(object_id(key)) if self.disk is not None else None
+        return self.disk.claim(disk_id(key)) if self.disk is not None else None
 
     def claimed_elsewhere(self, key: str) -> bool:
-        return self.disk is not None and self.disk.claimed(object_id(key))
+        return self.disk is not None and self.disk.claimed(disk_id(key))
 
     def follow(self, key: str) -> DiskFollower | None:
         """Another process's object for `key` while it is being written (no Vary)."""
-        return self.disk.follow(object_id(key)) if self.disk is not None else None
+        return self.disk.follow(disk_id(key)) if self.disk is not None else None
 
     # remove --------------------------------------------------------------------------
     def remove(self, key: str) -> None:
+        """Every variant and slice of `key`, in both tiers (this process's memory only)."""
         self.memory.remove(key)
+        if SLICE_MARK in key:  # one slice
+            if self.disk is not None:
+                self.disk.remove(disk_id(key))
+            return
+        self.memory.remove_prefixed(key + SLICE_MARK)
         if self.disk is not None:
             self.disk.remove_key(key)

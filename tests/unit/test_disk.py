@@ -23,6 +23,7 @@ from edge.disk import (
     HEADER_SIZE,
     MAGIC,
     UNKNOWN_LENGTH,
+    VARY_STUB,
     DiskError,
     DiskFollower,
     DiskStore,
@@ -717,3 +718,12 @@ def test_claim_is_host_wide_and_released(store: DiskStore, tmp_path: Path) -> No
     again = store.claim(oid)
     assert again is not None
     again.release()
+
+
+def test_a_vary_stub_being_written_is_not_followed(store: DiskStore) -> None:
+    stub = meta()
+    stub.extra = {VARY_STUB: "1"}
+    writer = store.begin(object_id("a.test/x"), stub, 0)
+    assert writer is not None
+    assert store.follow(object_id("a.test/x")) is None  # no body to stream from a stub
+    writer.abort()

@@ -6,6 +6,7 @@ import pytest
 
 from edge.slices import (
     ContentRange,
+    expected_span,
     parse_content_range,
     same_version,
     slice_key,
@@ -23,7 +24,9 @@ def test_spans_and_coverage() -> None:
     assert list(slices_covering(MiB - 1, MiB + 1, MiB)) == [0, 1]  # straddles a boundary
     assert list(slices_covering(MiB, 2 * MiB, MiB)) == [1]
     assert list(slices_covering(5, 5, MiB)) == []
-    assert slice_key("a.test/v.mp4", 7) == "a.test/v.mp4#slice=7"
+    assert slice_key("a.test/v.mp4", MiB, 7) == f"a.test/v.mp4#slice={MiB}:7"
+    assert slice_key("k", MiB, 1) != slice_key("k", 2 * MiB, 1)  # the size is in the key
+    assert expected_span(3, MiB, 3 * MiB + 5) == (3 * MiB, 3 * MiB + 5)  # the last, short one
 
 
 @pytest.mark.parametrize(
