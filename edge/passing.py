@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 from multidict import CIMultiDict
@@ -22,6 +23,7 @@ from edge.fetch import OriginClient, OriginError
 from edge.fill import Fill, FillError
 from edge.metrics import EdgeStats
 from edge.server import Exchange
+from edge.slices import SLICE_MARK
 from edge.store import VIA, replay_block
 from edge.tiers import Tiers
 
@@ -43,6 +45,7 @@ class Passing(Delivery):
     stats: EdgeStats
     tiers: Tiers
     busy: dict[str, Fill]
+    on_invalidate: Callable[[list[str]], None] | None
 
     # pass ----------------------------------------------------------------------------
     async def pass_to_origin(self, ex: Exchange, domain: DomainConfig, fwd: str) -> None:
@@ -103,10 +106,19 @@ class Passing(Delivery):
                 if same_host is not None:
                     p, _, q = same_host.partition("#")[0].partition("?")
                     keys.append(cache_key(domain, normalize_path(p), q))
+        self.forget(keys, disk=True)
+        if self.on_invalidate is not None:
+            self.on_invalidate(keys)  # other worker processes drop their copies too
+
+    def forget(self, keys: list[str], *, disk: bool) -> None:
+        """Drop `keys` (their variants and slices) from this process, and from the disk when
+        `disk`; a fetch of them in flight may finish for its clients but stores nothing."""
         for key in keys:
-            self.tiers.remove(key)
-            # A fetch already in flight carries the response from before the change: let it
-            # finish for its clients, but neither store it nor let new clients join it.
+            if disk:
+                self.tiers.remove(key)
+            else:
+                self.tiers.memory.remove(key)
+                self.tiers.memory.remove_prefixed(key + SLICE_MARK)
             for busy_key in [k for k in self.busy if k == key or k.startswith(key + "\n")]:
                 self.busy.pop(busy_key).invalidated = True
 

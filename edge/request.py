@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from cachetools import TTLCache
 
@@ -71,6 +71,9 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         # Keys whose origin ignored a Range request: whole-object fills for a while.
         self.whole_only: TTLCache[str, bool] = TTLCache(maxsize=65536, ttl=WHOLE_ONLY_SECONDS)
         self.slice_fetches: dict[str, asyncio.Future[Slice | None]] = {}
+        # Set under a supervisor: tells the other worker processes which keys a write
+        # invalidated (RFC 9111 4.4 holds for the host, not just this process).
+        self.on_invalidate: Callable[[list[str]], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:

@@ -161,8 +161,10 @@ class WorkerProcess:
         proc: asyncio.subprocess.Process,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        relay: Callable[[WorkerProcess, dict[str, object]], None],
     ) -> None:
         self.slot = slot
+        self._relay = relay
         self.generation = generation
         self.proc = proc
         self.pid = proc.pid
@@ -191,6 +193,8 @@ class WorkerProcess:
                         future.set_result(cast(Snapshot, message["snapshot"]))
                 elif op == "final":
                     self.last = cast(Snapshot, message["snapshot"])
+                elif op == "invalidate":
+                    self._relay(self, message)
         except (ConnectionError, ValueError, KeyError) as exc:
             log.warning("worker %d (pid %d): control socket: %r", self.slot, self.pid, exc)
         finally:
@@ -205,6 +209,10 @@ class WorkerProcess:
         self.exited = True
         self._writer.close()
         return code
+
+    def send(self, message: dict[str, object]) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            send_message(self._writer, message)
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc.returncode is None:
@@ -406,6 +414,13 @@ class Supervisor:
         current = self.current
         return current is not None and not self._stop.is_set() and current.all_ready()
 
+    def _relay(self, sender: WorkerProcess, message: dict[str, object]) -> None:
+        """A worker's invalidation goes to every other live worker (all generations)."""
+        for generation in self._generations:
+            for worker in generation.live():
+                if worker is not sender and worker.ready:
+                    worker.send(message)
+
     # --- generations and workers --------------------------------------------------------------
 
     async def _start_generation(self, config: EdgeConfig, text: str) -> Generation | None:
@@ -494,7 +509,7 @@ class Supervisor:
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=CONTROL_LINE_LIMIT)
-        worker = WorkerProcess(slot, generation, proc, reader, writer)
+        worker = WorkerProcess(slot, generation, proc, reader, writer, self._relay)
         send_message(
             writer,
             {

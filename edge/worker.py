@@ -152,6 +152,8 @@ class EdgeWorker:
 #   supervisor -> worker: {"op": "stats", "id": N}
 #   its answer: {"op": "stats", "id": N, "snapshot": {...}}
 #   worker -> supervisor, after draining: {"op": "final", "snapshot": {...}}
+#   worker -> supervisor, after a write invalidated keys: {"op": "invalidate", "keys": [...]}
+#   supervisor -> every other worker: the same message (they drop their memory copies)
 # SIGTERM, or end of file on the control socket (the supervisor is gone), drains and exits.
 
 
@@ -174,6 +176,8 @@ async def _answer_control(
                 answer = {"op": "stats", "id": message["id"], "snapshot": worker.snapshot()}
                 send_message(writer, answer)
                 await writer.drain()
+            elif message.get("op") == "invalidate":
+                worker.proxy.forget([str(k) for k in message["keys"]], disk=False)
             else:
                 log.warning("unknown control message %.100r", line)
     except ConnectionError:
@@ -197,6 +201,9 @@ async def run_worker_process(control_fd: int, listen_fd: int) -> None:
         admin=False,
         sock=socket.socket(fileno=listen_fd),
         accept_settle=ACCEPT_SETTLE,
+    )
+    worker.proxy.on_invalidate = lambda keys: send_message(
+        writer, {"op": "invalidate", "keys": keys}
     )
     await worker.start()
     send_message(writer, {"op": "ready", "pid": os.getpid()})

@@ -183,7 +183,19 @@ async def fresh(req: web.Request) -> web.StreamResponse:
     return web.Response(body=b"not stored\n", headers={"Cache-Control": "no-store"})
 
 
-ROUTES = {"/obj": obj, "/slow": slow, "/fresh": fresh}
+DOC_VERSION = {"n": 1}
+
+
+async def doc(req: web.Request) -> web.StreamResponse:
+    """A resource a DELETE changes (the next version)."""
+    if req.method == "DELETE":
+        DOC_VERSION["n"] += 1
+        return web.Response(status=204)
+    body = f"version {DOC_VERSION['n']}".encode()
+    return web.Response(body=body, headers={"Cache-Control": "max-age=600"})
+
+
+ROUTES = {"/obj": obj, "/slow": slow, "/fresh": fresh, "/doc": doc}
 
 EdgeFactory = Callable[..., Awaitable[EdgeProcess]]
 
@@ -477,3 +489,19 @@ async def test_sighup_with_a_broken_config_keeps_the_running_one(edge: EdgeFacto
     assert "edge.listen changed from 127.0.0.1:" in e.log_text()
     assert "which needs a restart; still on 127.0.0.1:" in e.log_text()
     assert (await e.get()).status == 200
+
+
+@on_one_loop
+async def test_a_write_through_one_worker_invalidates_them_all(edge: EdgeFactory) -> None:
+    """RFC 9111 4.4 for the host: a DELETE answered by one worker drops the stored response
+    in every worker's memory, not just its own."""
+    DOC_VERSION["n"] = 1
+    e = await edge(workers=2)
+    for _ in range(30):  # new connections: both workers answer, and each keeps a copy
+        assert (await e.get("/doc")).body == b"version 1"
+    m = await e.metrics()
+    assert all(m.get(f'cdn_edge_worker_requests{{worker="{w}"}}', 0) > 0 for w in "01")
+    assert (await request(e.port, "/doc", HOST, method="DELETE")).status == 204
+    await asyncio.sleep(0.2)  # the supervisor relays it to the other worker
+    for _ in range(30):
+        assert (await e.get("/doc")).body == b"version 2"
