@@ -67,7 +67,7 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from hashlib import sha256
@@ -269,6 +269,16 @@ def _walk(objects: Path) -> Iterator[os.DirEntry[str]]:
             yield from _entries(leaf.path)
 
 
+def _tally(objects: Path) -> int:
+    """Budget usage of every committed object file under `objects` (a stat each)."""
+    total = 0
+    for entry in _walk(objects):
+        if len(entry.name) in _ID_LENGTHS:
+            with suppress(OSError):
+                total += _usage(entry.stat().st_size)
+    return total
+
+
 def _default_opener(path: str, flags: int) -> int:
     return os.open(path, flags, 0o644)
 
@@ -335,21 +345,29 @@ class _SharedUsage:
         return total if trusted else None
 
     def add(self, delta: int) -> None:
+        with self.exclusive():
+            self.add_locked(delta)
+
+    def add_locked(self, delta: int) -> None:
+        """`add` for a caller inside `exclusive()`."""
+        total, trusted = self._read()
+        self._write(total + delta, trusted)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the counter: a commit renames and counts inside it, and a recount tallies
+        inside it, so that each file is counted exactly once."""
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            total, trusted = self._read()
-            self._write(total + delta, trusted)
+            yield
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def recount(self, total: int) -> None:
-        """Set the total from a rebuild's scan, unless another process already did."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+    def recount(self, tally: Callable[[], int]) -> None:
+        """Set the total from a tally of the files, unless another process already did."""
+        with self.exclusive():
             if not self._read()[1]:
-                self._write(total, True)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._write(tally(), True)
 
     def close(self) -> None:
         """Idempotent: a worker stopped twice closes once."""
@@ -564,7 +582,11 @@ class DiskStore:
                 self._lru[oid] = usage
                 self._lru.move_to_end(oid, last=False)
                 self._view_bytes += usage
-        self._usage.recount(self._view_bytes)
+        # Count what is on disk now, not what this scan saw: other workers commit into
+        # directories the scan had already passed. Their commits wait for this tally (one
+        # directory walk of stats, once per start) so that each file counts exactly once.
+        objects = self._objects
+        await asyncio.to_thread(self._usage.recount, lambda: _tally(objects))
         self._evict()
         log.info(
             "disk tier %s: %d objects, %d bytes in use, %d corrupt and %d stale files removed"
@@ -632,8 +654,7 @@ class DiskStore:
         if usage is not None:
             self._view_bytes -= usage
 
-    def _committed(self, oid: str, usage: int, replaced: int) -> None:
-        self._count(usage - replaced)
+    def _committed(self, oid: str, usage: int) -> None:
         self._note(oid, usage)
         self._evict()
 
@@ -750,14 +771,17 @@ class DiskWriter:
                 replaced = _usage(os.stat(self._final).st_size)
             except FileNotFoundError:
                 replaced = 0
-            os.rename(self._fill, self._final)
+            usage = _usage(self.body_offset + self.written)
+            with self._store._usage.exclusive():  # renamed and counted as one step
+                os.rename(self._fill, self._final)
+                self._store._usage.add_locked(usage - replaced)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         except OSError as e:
             self._store._write_failed(e)
             self.abort()
             return None
         self._closed = True
-        self._store._committed(self._oid, _usage(self.body_offset + self.written), replaced)
+        self._store._committed(self._oid, usage)
         return DiskEntry(self.meta, self._final, self.fd, self.body_offset, self.written)
 
     def abort(self) -> None:

@@ -727,3 +727,26 @@ def test_a_vary_stub_being_written_is_not_followed(store: DiskStore) -> None:
     assert writer is not None
     assert store.follow(object_id("a.test/x")) is None  # no body to stream from a stub
     writer.abort()
+
+
+async def test_rebuild_counts_what_other_workers_commit_meanwhile(tmp_path: Path) -> None:
+    first = DiskStore(tmp_path, 1 << 30)
+    for n in range(300):
+        put(first, object_id(f"before/{n}"), b"x" * 100)
+    first.close()
+    restarted = DiskStore(tmp_path, 1 << 30)
+    other = DiskStore(tmp_path, 1 << 30)  # another worker, committing during the rebuild
+    rebuild = asyncio.ensure_future(restarted.rebuild())
+    for n in range(300):
+        put(other, object_id(f"during/{n}"), b"y" * 100)
+        if n % 20 == 0:
+            await asyncio.sleep(0)
+    await rebuild
+    on_disk = sum(
+        -(-p.stat().st_size // BLOCK) * BLOCK
+        for p in (tmp_path / "objects").rglob("*")
+        if p.is_file() and len(p.name) == 64
+    )
+    assert restarted.bytes_used == on_disk == 600 * BLOCK
+    restarted.close()
+    other.close()
