@@ -327,7 +327,7 @@ class Fills(Passing):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.origin.first_byte_timeout
         while True:
-            follower = self.tiers.follow(key)
+            follower = self.tiers.follow(key, request_fields)
             if follower is not None:
                 try:
                     head = _head_from_meta(follower.meta, follower.body_length)

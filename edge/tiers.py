@@ -146,19 +146,21 @@ class Tiers:
         if self.disk is None:
             return None
         try:
-            return self.disk.begin(
+            writer = self.disk.begin(
                 disk_id(obj.key, obj.vary_values), object_meta(obj), length
             )
         except DiskError:
             return None  # counted and logged (once per interval) by the store
+        if writer is not None and obj.vary_names:
+            # Now, not at commit: other workers find the variant's file to follow from it.
+            self._write_stub(obj)
+        return writer
 
     def commit(self, writer: DiskWriter, obj: CachedObject) -> bool:
         entry = writer.commit()
         if entry is None:
             return False
         entry.close()
-        if obj.vary_names:
-            self._write_stub(obj)
         return True
 
     def keep_in_memory(self, obj: CachedObject) -> bool:
@@ -221,9 +223,24 @@ class Tiers:
     def claimed_elsewhere(self, key: str) -> bool:
         return self.disk is not None and self.disk.claimed(disk_id(key))
 
-    def follow(self, key: str) -> DiskFollower | None:
-        """Another process's object for `key` while it is being written (no Vary)."""
-        return self.disk.follow(disk_id(key)) if self.disk is not None else None
+    def follow(self, key: str, request: policy.Headers) -> DiskFollower | None:
+        """Another process's object for this request while it is being written: the key's,
+        or the variant its Vary stub selects for `request`."""
+        if self.disk is None:
+            return None
+        follower = self.disk.follow(disk_id(key))
+        if follower is not None:
+            return follower
+        entry = self.disk.lookup(disk_id(key))
+        if entry is None:
+            return None
+        try:
+            if not entry.meta.extra.get(VARY_STUB):
+                return None
+            values = policy.vary_values(tuple(entry.meta.vary_names), request)
+        finally:
+            entry.close()
+        return self.disk.follow(disk_id(key, values))
 
     # remove --------------------------------------------------------------------------
     def remove(self, key: str) -> None:

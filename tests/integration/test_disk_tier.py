@@ -207,3 +207,32 @@ async def test_workers_sharing_a_disk_fetch_a_cold_object_once(
     )
     assert all(r.status == 200 and r.body == body for r in results)
     assert origin.hits["/cold.bin"] == 1
+
+
+async def test_workers_sharing_a_disk_fetch_a_cold_vary_variant_once(
+    make_origin: Any, make_edge: Any
+) -> None:
+    """As above for a response with Vary: the second worker finds the variant being written
+    through the key's Vary stub, written as soon as the fetch starts."""
+    body = os.urandom(2 << 20)
+
+    async def slow(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Cache-Control": "max-age=600", "Vary": "Accept-Encoding"}
+        )
+        resp.content_length = len(body)
+        await resp.prepare(req)
+        for i in range(0, len(body), 256 << 10):
+            await resp.write(body[i : i + (256 << 10)])
+            await asyncio.sleep(0.02)
+        return resp
+
+    origin = await make_origin({"/page": slow})
+    first = await make_edge([origin.url], top_extra=DISK)
+    second = await make_edge([origin.url], top_extra=DISK)
+    gzip = {"Accept-Encoding": "gzip"}
+    results = await asyncio.gather(
+        *(get(edge, "/page", gzip) for _ in range(20) for edge in (first, second))
+    )
+    assert all(r.status == 200 and r.body == body for r in results)
+    assert origin.hits["/page"] == 1
