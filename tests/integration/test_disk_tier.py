@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from edge.worker import EdgeWorker
@@ -183,56 +184,45 @@ async def test_stale_disk_object_is_revalidated_and_kept(make_origin: Any, make_
     assert calls == ["200", "304"]
 
 
+def slow_route(body: bytes, headers: dict[str, str]) -> Any:
+    """An origin route that takes its time: workers that miss together overlap its fetch."""
+
+    async def slow(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=headers)
+        resp.content_length = len(body)
+        await resp.prepare(req)
+        for i in range(0, len(body), 256 << 10):
+            await resp.write(body[i : i + (256 << 10)])
+            await asyncio.sleep(0.02)
+        return resp
+
+    return slow
+
+
+@pytest.mark.parametrize(
+    "vary",
+    [
+        pytest.param(False, id="plain"),
+        # The second worker finds the variant being written through the key's Vary stub,
+        # written as soon as the fetch starts.
+        pytest.param(True, id="vary"),
+    ],
+)
 async def test_workers_sharing_a_disk_fetch_a_cold_object_once(
-    make_origin: Any, make_edge: Any
+    make_origin: Any, make_edge: Any, vary: bool
 ) -> None:
     """Two workers (two edges on one state_dir, as a supervisor's workers are) and a herd on
     one cold object: one origin fetch; the second worker follows the first one's file."""
     body = os.urandom(2 << 20)
-
-    async def slow(req: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Cache-Control": "max-age=600"})
-        resp.content_length = len(body)
-        await resp.prepare(req)
-        for i in range(0, len(body), 256 << 10):
-            await resp.write(body[i : i + (256 << 10)])
-            await asyncio.sleep(0.02)
-        return resp
-
-    origin = await make_origin({"/cold.bin": slow})
+    headers = {"Cache-Control": "max-age=600"}
+    if vary:
+        headers["Vary"] = "Accept-Encoding"
+    origin = await make_origin({"/cold.bin": slow_route(body, headers)})
     first = await make_edge([origin.url], top_extra=DISK)
     second = await make_edge([origin.url], top_extra=DISK)
+    request = {"Accept-Encoding": "gzip"}
     results = await asyncio.gather(
-        *(get(edge, "/cold.bin") for _ in range(20) for edge in (first, second))
+        *(get(edge, "/cold.bin", request) for _ in range(20) for edge in (first, second))
     )
     assert all(r.status == 200 and r.body == body for r in results)
     assert origin.hits["/cold.bin"] == 1
-
-
-async def test_workers_sharing_a_disk_fetch_a_cold_vary_variant_once(
-    make_origin: Any, make_edge: Any
-) -> None:
-    """As above for a response with Vary: the second worker finds the variant being written
-    through the key's Vary stub, written as soon as the fetch starts."""
-    body = os.urandom(2 << 20)
-
-    async def slow(req: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            headers={"Cache-Control": "max-age=600", "Vary": "Accept-Encoding"}
-        )
-        resp.content_length = len(body)
-        await resp.prepare(req)
-        for i in range(0, len(body), 256 << 10):
-            await resp.write(body[i : i + (256 << 10)])
-            await asyncio.sleep(0.02)
-        return resp
-
-    origin = await make_origin({"/page": slow})
-    first = await make_edge([origin.url], top_extra=DISK)
-    second = await make_edge([origin.url], top_extra=DISK)
-    gzip = {"Accept-Encoding": "gzip"}
-    results = await asyncio.gather(
-        *(get(edge, "/page", gzip) for _ in range(20) for edge in (first, second))
-    )
-    assert all(r.status == 200 and r.body == body for r in results)
-    assert origin.hits["/page"] == 1
