@@ -272,14 +272,17 @@ def test_restart_backoff_grows_and_is_bounded() -> None:
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("workers", "extra", "message"),
     [
-        ("garbage = 1\n", "domains[0].garbage: unknown key"),
-        ("[edge]\n", "(toml): "),
+        (2, "garbage = 1\n", "domains[0].garbage: unknown key"),
+        (2, "[edge]\n", "(toml): "),
+        (0, "", "edge.workers: 0 is less than 1"),
     ],
 )
 @on_one_loop
-async def test_bad_config_exits_2_with_one_line(tmp_path: Path, extra: str, message: str) -> None:
+async def test_bad_config_exits_2_with_one_line(
+    tmp_path: Path, workers: int, extra: str, message: str
+) -> None:
     config = tmp_path / "edge.toml"
     config.write_text(
         config_text(
@@ -287,7 +290,7 @@ async def test_bad_config_exits_2_with_one_line(tmp_path: Path, extra: str, mess
             state=tmp_path,
             port=free_port(),
             admin_port=free_port(),
-            workers=2,
+            workers=workers,
         )
         + extra
     )
@@ -301,26 +304,6 @@ async def test_bad_config_exits_2_with_one_line(tmp_path: Path, extra: str, mess
     lines = err.decode().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"cdn: {config}: {message}"), lines
-
-
-@on_one_loop
-async def test_zero_workers_is_a_config_error(tmp_path: Path) -> None:
-    config = tmp_path / "edge.toml"
-    config.write_text(
-        config_text(
-            "http://127.0.0.1:1",
-            state=tmp_path,
-            port=free_port(),
-            admin_port=free_port(),
-            workers=0,
-        )
-    )
-    proc = await asyncio.create_subprocess_exec(
-        *cdn_command(), "edge", "--config", str(config), stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 2
-    assert err.decode() == f"cdn: {config}: edge.workers: 0 is less than 1\n"
 
 
 @on_one_loop
