@@ -1,0 +1,1 @@
+"""Alembic migrations for the control-plane store; run them with ``control.db.migrate``."""

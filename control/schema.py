@@ -1,0 +1,137 @@
+"""Control-plane tables (SQLAlchemy Core) and the change log that edges follow.
+
+The change log: every change edges act on is appended to ``changes`` with a version taken from the
+single row of ``change_counter``, incremented with ``UPDATE ... RETURNING`` in the writer's own
+transaction. The row lock held until commit serialises writers, so versions are handed out in commit
+order and a reader never sees version v+1 before v (a PostgreSQL sequence would not give that: a
+later ``nextval`` can commit first). A rolled-back writer also rolls back its increment, so
+committed versions have no gaps. On SQLite the database write lock gives the same serialisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    TypeDecorator,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always an aware UTC datetime in Python.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones and stores the UTC wall time, to
+    which UTC is re-attached on reading. Naive datetimes are refused on writing.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("naive datetime: control-plane times must be timezone-aware")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# JSONB on PostgreSQL (indexable, compact), JSON text on SQLite.
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+
+change_counter = Table(
+    "change_counter",
+    metadata,
+    Column("id", SmallInteger, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
+    CheckConstraint("id = 1", name="single_row"),
+)
+
+changes = Table(
+    "changes",
+    metadata,
+    Column("version", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", Text, nullable=False),
+    Column("payload", JSONDocument, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    version: int
+    kind: str
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+async def append_change(conn: AsyncConnection, kind: str, payload: dict[str, Any]) -> int:
+    """Append a change in the caller's transaction and return its version.
+
+    The counter row stays locked until the caller commits or rolls back: keep the transaction short.
+    """
+    bump = (
+        update(change_counter)
+        .where(change_counter.c.id == 1)
+        .values(version=change_counter.c.version + 1)
+        .returning(change_counter.c.version)
+    )
+    version = (await conn.execute(bump)).scalar_one()
+    await conn.execute(
+        insert(changes).values(
+            version=version, kind=kind, payload=payload, created_at=datetime.now(UTC)
+        )
+    )
+    return int(version)
+
+
+async def changes_since(conn: AsyncConnection, version: int, limit: int) -> list[Change]:
+    """Changes with a version greater than ``version``, oldest first, at most ``limit`` of them."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    rows = await conn.execute(
+        select(changes.c.version, changes.c.kind, changes.c.payload, changes.c.created_at)
+        .where(changes.c.version > version)
+        .order_by(changes.c.version)
+        .limit(limit)
+    )
+    return [
+        Change(version=int(r.version), kind=r.kind, payload=r.payload, created_at=r.created_at)
+        for r in rows
+    ]
