@@ -76,7 +76,8 @@ class Closed(Exception):
     """The connection cannot carry another request."""
 
 
-def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:
+def parse_head(head: bytes) -> tuple[str, dict[str, str]]:
+    """The first line of an HTTP head and its fields (lowercase names); run.py uses it too."""
     lines = head.decode("latin-1").split("\r\n")
     fields: dict[str, str] = {}
     for line in lines[1:]:
@@ -232,7 +233,7 @@ class Upstream:
             resp = await _read_head(self.reader)
             if resp is None:
                 raise Closed
-            line, rfields = _parse_head(resp)
+            line, rfields = parse_head(resp)
             status = int(line.split(" ", 2)[1])
             client.write(resp)
             if status >= 200:
@@ -261,7 +262,7 @@ async def _serve(
     upstream = Upstream(upstream_addr)
     try:
         while (head := await _read_head(client_reader)) is not None:
-            line, fields = _parse_head(head)
+            line, fields = parse_head(head)
             method, target = [*line.split(" "), "", ""][:2]
             if target == STATS_PATH:
                 await _answer_stats(client)

@@ -48,6 +48,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from counting_shim import parse_head  # benchmarks/ is on sys.path: run.py is a script
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 OUT = HERE / "out"
@@ -1429,16 +1431,6 @@ class FetchResult:
     error: str = ""
 
 
-def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    fields: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            fields[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ", 2)[1]), fields
-
-
 async def _fetch(
     port: int,
     request: bytes,
@@ -1473,7 +1465,8 @@ async def _fetch(
             head += buf[:n]
             end = head.find(b"\r\n\r\n")
             if end >= 0:
-                res.status, res.headers = _parse_head(bytes(head[:end]))
+                status_line, res.headers = parse_head(bytes(head[:end]))
+                res.status = int(status_line.split(" ", 2)[1])
                 if "content-length" in res.headers:
                     res.content_length = int(res.headers["content-length"])
                 body = head[end + 4 :]
