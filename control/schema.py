@@ -21,11 +21,15 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    ForeignKey,
+    Index,
+    Integer,
     MetaData,
     SmallInteger,
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     insert,
     select,
     update,
@@ -90,6 +94,121 @@ changes = Table(
     Column("kind", Text, nullable=False),
     Column("payload", JSONDocument, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+)
+
+
+# --- who: accounts, sub-accounts, edges and their tokens --------------------------------------
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("billing", Text, nullable=False),  # "prepaid" | "postpaid" (agreement 4.1, 4.2)
+    Column("timezone", Text, nullable=False),  # IANA name; billing days (default Asia/Shanghai)
+    Column("state", Text, nullable=False),  # "active" | "suspended" | "terminated"
+    Column("state_reason", Text, nullable=False, server_default=""),
+    Column("created_at", UTCDateTime(), nullable=False),
+    CheckConstraint("billing IN ('prepaid', 'postpaid')", name="billing"),
+    CheckConstraint("state IN ('active', 'suspended', 'terminated')", name="state"),
+)
+
+subaccounts = Table(
+    "subaccounts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("name", Text, nullable=False),
+    Column("scopes", JSONDocument, nullable=False),  # list of scope names
+    # The domain names it is limited to; null: all of the account's.
+    Column("domains", JSONDocument, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("deleted_at", UTCDateTime(), nullable=True),
+    UniqueConstraint("account_id", "name", name="uq_subaccounts_account_name"),
+)
+
+edges = Table(
+    "edges",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("deleted_at", UTCDateTime(), nullable=True),
+    # The last change version the edge reported as applied by all its workers, and when.
+    Column("applied_version", BigInteger, nullable=False, server_default="0"),
+    Column("last_seen", UTCDateTime(), nullable=True),
+)
+
+# Every bearer token: an account's own, a sub-account's, or an edge's. Only a SHA-256 of the
+# token is kept (tokens are 256 random bits, so a fast hash is enough); the token itself is shown
+# once, when created.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("token_hash", Text, nullable=False, unique=True),
+    Column("kind", Text, nullable=False),  # "account" | "subaccount" | "edge"
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=True, index=True),
+    Column("subaccount_id", Integer, ForeignKey("subaccounts.id"), nullable=True),
+    Column("edge_id", Integer, ForeignKey("edges.id"), nullable=True),
+    Column("label", Text, nullable=False, server_default=""),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    CheckConstraint("kind IN ('account', 'subaccount', 'edge')", name="kind"),
+)
+
+# --- what: domains, legal URL blocks, purge and prefetch tasks ---------------------------------
+
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("name", Text, nullable=False, unique=True),  # unique across accounts
+    # The edge's `[[domains]]` table without `name`: origins, origin_host, rules, query.
+    Column("config", JSONDocument, nullable=False),
+    Column("state", Text, nullable=False),  # "active" | "suspended" | "terminated"
+    Column("state_reason", Text, nullable=False, server_default=""),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    CheckConstraint("state IN ('active', 'suspended', 'terminated')", name="state"),
+)
+
+url_blocks = Table(
+    "url_blocks",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("domain", Text, nullable=False),  # domain name (blocks outlive a deleted domain row)
+    Column("pattern", Text, nullable=False),  # a path, or a path prefix ending in "*"
+    Column("reason", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("domain", "pattern", name="uq_url_blocks_domain_pattern"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=True, index=True),
+    Column("kind", Text, nullable=False),  # "purge" | "prefetch"
+    Column("payload", JSONDocument, nullable=False),
+    # The change version that carries it: done when every edge has applied this version.
+    Column("version", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=True),
+    Column("actor", Text, nullable=False),  # "operator" | "account" | "subaccount"
+    Column("subaccount_id", Integer, ForeignKey("subaccounts.id"), nullable=True),
+    Column("action", Text, nullable=False),  # e.g. "domain.create", "purge", "token.revoke"
+    Column("target", Text, nullable=False, server_default=""),
+    Column("detail", JSONDocument, nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Index("ix_audit_log_account_at", "account_id", "at"),
 )
 
 

@@ -7,11 +7,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from control.db import async_url, engine_for, migrate
-from control.schema import append_change, change_counter, changes_since
+from control.db import alembic_config, async_url, engine_for, migrate
+from control.schema import append_change, change_counter, changes_since, metadata
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:
@@ -64,21 +67,21 @@ async def test_sqlite_engine_creates_parent_dir_and_uses_wal_and_foreign_keys(
 # --- migrations ---------------------------------------------------------------------------------
 
 
-async def test_migrate_from_empty_creates_the_feed_tables_and_is_idempotent(
+async def test_migrate_from_empty_creates_every_table_and_is_idempotent(
     engine: AsyncEngine,
 ) -> None:
     assert await _tables(engine) == set()
     await migrate(engine)
-    assert await _tables(engine) == {"alembic_version", "change_counter", "changes"}
+    assert await _tables(engine) == {"alembic_version", *metadata.tables}
     async with engine.connect() as conn:
         assert (
             await conn.execute(text("SELECT version_num FROM alembic_version"))
-        ).scalar_one() == "0001"
+        ).scalar_one() == ScriptDirectory.from_config(alembic_config()).get_current_head()
         assert (await conn.execute(select(change_counter.c.version))).scalars().all() == [0]
 
     await _append_committed(engine, "purge", {"n": 1})
     await migrate(engine)  # again: no-op, data kept, counter not re-seeded
-    assert await _tables(engine) == {"alembic_version", "change_counter", "changes"}
+    assert await _tables(engine) == {"alembic_version", *metadata.tables}
     async with engine.connect() as conn:
         assert (await conn.execute(select(change_counter.c.version))).scalars().all() == [1]
         assert [c.version for c in await changes_since(conn, 0, 10)] == [1]
@@ -203,3 +206,12 @@ async def test_changes_since_rejects_a_non_positive_limit(db: AsyncEngine) -> No
     async with db.connect() as conn:
         with pytest.raises(ValueError, match="limit"):
             await changes_since(conn, 0, 0)
+
+
+async def test_migrations_build_exactly_the_schema_the_code_declares(db: AsyncEngine) -> None:
+    """A table or column added to control/schema.py without a migration fails here."""
+    async with db.connect() as conn:
+        diff = await conn.run_sync(
+            lambda c: compare_metadata(MigrationContext.configure(c), metadata)
+        )
+    assert diff == []
