@@ -197,6 +197,17 @@ tasks = Table(
     Column("created_at", UTCDateTime(), nullable=False),
 )
 
+# Per-edge results of a task that an edge reports on its own (prefetch: what it fetched). Purges and
+# state changes need no row: an edge's applied_version says it has applied them.
+task_results = Table(
+    "task_results",
+    metadata,
+    Column("task_id", Integer, ForeignKey("tasks.id"), primary_key=True),
+    Column("edge_id", Integer, ForeignKey("edges.id"), primary_key=True),
+    Column("result", JSONDocument, nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+)
+
 audit_log = Table(
     "audit_log",
     metadata,

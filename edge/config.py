@@ -204,7 +204,7 @@ def parse_config(text: str, source: str) -> EdgeConfig:
         raise ConfigError(source, "(toml)", str(exc)) from exc
     try:
         return _parse_document(document, source)
-    except _Invalid as exc:
+    except InvalidValue as exc:
         raise ConfigError(source, exc.key, exc.problem) from None
 
 
@@ -294,8 +294,10 @@ _EDGE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
-class _Invalid(Exception):
-    """Raised inside the parser; `parse_config` adds the file name to make a ConfigError."""
+class InvalidValue(Exception):
+    """A value that fails validation: `key` names it (`domains[0].origins[1]`), `problem` says
+    why. `parse_config` adds the file name to make a ConfigError; the control plane turns it into
+    a 422 naming the field."""
 
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(key, problem)
@@ -311,17 +313,17 @@ def _parse_document(document: dict[str, object], source: str) -> EdgeConfig:
 
     entries = document.get("domains", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise _Invalid(
+        raise InvalidValue(
             "domains", f"expected an array of tables ([[domains]]), got {_type_name(entries)}"
         )
     if not entries:
-        raise _Invalid("domains", "at least one [[domains]] entry is required")
+        raise InvalidValue("domains", "at least one [[domains]] entry is required")
     domains: dict[str, DomainConfig] = {}
     first_index: dict[str, int] = {}
     for index, entry in enumerate(entries):
-        domain = _parse_domain(entry, f"domains[{index}]")
+        domain = parse_domain(entry, f"domains[{index}]")
         if domain.name in domains:
-            raise _Invalid(
+            raise InvalidValue(
                 f"domains[{index}].name",
                 f"{domain.name!r} is already defined by domains[{first_index[domain.name]}]",
             )
@@ -343,15 +345,15 @@ def _parse_edge(table: dict[str, object]) -> EdgeSettings:
     admin_listen = _listen_address(table, "admin_listen", "edge", defaults.admin_listen)
     # Port 0 picks a free port, so only a fixed port can collide.
     if admin_listen == listen and listen[1] != 0:
-        raise _Invalid("edge.admin_listen", "must differ from edge.listen")
+        raise InvalidValue("edge.admin_listen", "must differ from edge.listen")
     edge_id = _string(table, "edge_id", "edge", defaults.edge_id)
     if "edge_id" in table and not _EDGE_ID.fullmatch(edge_id):
-        raise _Invalid(
+        raise InvalidValue(
             "edge.edge_id", f"{edge_id!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
         )
     state_dir = _string(table, "state_dir", "edge", defaults.state_dir)
     if not state_dir:
-        raise _Invalid("edge.state_dir", "must not be empty")
+        raise InvalidValue("edge.state_dir", "must not be empty")
     return EdgeSettings(
         listen=listen,
         admin_listen=admin_listen,
@@ -371,25 +373,26 @@ def _parse_cache(table: dict[str, object]) -> CacheSettings:
     _check_keys(table, "cache", _CACHE_KEYS)
     defaults = CacheSettings()
     memory = _size(table, "memory", "cache", defaults.memory)
-    memory_max = _size(
-        table, "memory_max_object", "cache", min(defaults.memory_max_object, memory)
-    )
+    memory_max = _size(table, "memory_max_object", "cache", min(defaults.memory_max_object, memory))
     if memory_max > memory:
-        raise _Invalid(
+        raise InvalidValue(
             "cache.memory_max_object",
             f"{memory_max} bytes is more than cache.memory ({memory} bytes)",
         )
     disk = _size(table, "disk", "cache", defaults.disk, allow_zero=True)
     max_object = _size(table, "max_object", "cache", min(defaults.max_object, disk or 1))
     if disk and max_object > disk:
-        raise _Invalid(
+        raise InvalidValue(
             "cache.max_object", f"{max_object} bytes is more than cache.disk ({disk} bytes)"
         )
     slice_size = _size(table, "slice", "cache", defaults.slice, allow_zero=True)
     if slice_size and slice_size < 64 * 1024:
-        raise _Invalid("cache.slice", f"{slice_size} bytes is less than 64KiB")
+        raise InvalidValue("cache.slice", f"{slice_size} bytes is less than 64KiB")
     return CacheSettings(
-        memory=memory, memory_max_object=memory_max, disk=disk, max_object=max_object,
+        memory=memory,
+        memory_max_object=memory_max,
+        disk=disk,
+        max_object=max_object,
         slice=slice_size,
     )
 
@@ -411,21 +414,23 @@ def _parse_origin(table: dict[str, object]) -> OriginSettings:
     )
 
 
-def _parse_domain(table: dict[str, object], prefix: str) -> DomainConfig:
+def parse_domain(table: dict[str, object], prefix: str) -> DomainConfig:
+    """One `[[domains]]` table (from TOML, or JSON from the control plane); InvalidValue names
+    the first bad key under `prefix`."""
     _check_keys(table, prefix, _DOMAIN_KEYS)
     if "name" not in table:
-        raise _Invalid(f"{prefix}.name", "is required")
+        raise InvalidValue(f"{prefix}.name", "is required")
     raw_name = _string(table, "name", prefix, "")
     name = _strip_one_dot(raw_name.lower())
     problem = _dns_name_problem(name)
     if problem:
-        raise _Invalid(f"{prefix}.name", f"{raw_name!r} is not a valid domain name: {problem}")
+        raise InvalidValue(f"{prefix}.name", f"{raw_name!r} is not a valid domain name: {problem}")
 
     if "origins" not in table:
-        raise _Invalid(f"{prefix}.origins", "is required")
+        raise InvalidValue(f"{prefix}.origins", "is required")
     raw_origins = _string_list(table, "origins", prefix)
     if not raw_origins:
-        raise _Invalid(f"{prefix}.origins", "at least one origin is required")
+        raise InvalidValue(f"{prefix}.origins", "at least one origin is required")
     origins = tuple(
         _origin_url(url, f"{prefix}.origins[{index}]") for index, url in enumerate(raw_origins)
     )
@@ -436,7 +441,7 @@ def _parse_domain(table: dict[str, object], prefix: str) -> DomainConfig:
 
     raw_rules = table.get("rules", [])
     if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
-        raise _Invalid(
+        raise InvalidValue(
             f"{prefix}.rules",
             f"expected an array of tables ([[domains.rules]]), got {_type_name(raw_rules)}",
         )
@@ -458,11 +463,11 @@ def _parse_rule(table: dict[str, object], prefix: str) -> CacheRule:
     kinds = [kind for kind in _RULE_KINDS if kind in table]
     if len(kinds) != 1:
         found = f"got {', '.join(kinds)}" if kinds else "got none"
-        raise _Invalid(prefix, f"needs exactly one of suffix, prefix, path ({found})")
+        raise InvalidValue(prefix, f"needs exactly one of suffix, prefix, path ({found})")
     kind = kinds[0]
     raw_values = _string_list(table, kind, prefix)
     if not raw_values:
-        raise _Invalid(f"{prefix}.{kind}", "must list at least one value")
+        raise InvalidValue(f"{prefix}.{kind}", "must list at least one value")
     values = tuple(
         _rule_value(kind, value, f"{prefix}.{kind}[{index}]")
         for index, value in enumerate(raw_values)
@@ -473,15 +478,15 @@ def _parse_rule(table: dict[str, object], prefix: str) -> CacheRule:
         try:
             ttl = parse_duration(table["ttl"])
         except ValueError as exc:
-            raise _Invalid(f"{prefix}.ttl", str(exc)) from None
+            raise InvalidValue(f"{prefix}.ttl", str(exc)) from None
     respect_origin = _boolean(table, "respect_origin", prefix, True)
     if not respect_origin and ttl is None:
-        raise _Invalid(
+        raise InvalidValue(
             f"{prefix}.respect_origin", "false needs a ttl to override the origin's freshness with"
         )
     slice_size = _size(table, "slice", prefix, 0) or None
     if slice_size is not None and slice_size < 64 * 1024:
-        raise _Invalid(f"{prefix}.slice", f"{slice_size} bytes is less than 64KiB")
+        raise InvalidValue(f"{prefix}.slice", f"{slice_size} bytes is less than 64KiB")
     return CacheRule(
         kind=kind, values=values, ttl=ttl, respect_origin=respect_origin, slice=slice_size
     )
@@ -490,13 +495,13 @@ def _parse_rule(table: dict[str, object], prefix: str) -> CacheRule:
 def _rule_value(kind: str, value: str, key: str) -> str:
     if kind == "suffix":
         if len(value) < 2 or not value.startswith(".") or "/" in value:
-            raise _Invalid(key, f"{value!r} is not a suffix: it must look like '.jpg'")
+            raise InvalidValue(key, f"{value!r} is not a suffix: it must look like '.jpg'")
         return value.lower()
     if not value.startswith("/"):
-        raise _Invalid(key, f"{value!r} must start with '/'")
+        raise InvalidValue(key, f"{value!r} must start with '/'")
     # Rules see the path without its query, so such a value could never match.
     if "?" in value or "#" in value:
-        raise _Invalid(key, f"{value!r} must not contain '?' or '#'")
+        raise InvalidValue(key, f"{value!r} must not contain '?' or '#'")
     return value
 
 
@@ -505,44 +510,48 @@ def _parse_query(table: dict[str, object], prefix: str) -> QueryPolicy:
     raw_mode = _string(table, "mode", prefix, "keep_all")
     mode = next((m for m in _QUERY_MODES if m == raw_mode), None)
     if mode is None:
-        raise _Invalid(f"{prefix}.mode", f"{raw_mode!r} is not one of {', '.join(_QUERY_MODES)}")
+        raise InvalidValue(
+            f"{prefix}.mode", f"{raw_mode!r} is not one of {', '.join(_QUERY_MODES)}"
+        )
     params = tuple(_string_list(table, "params", prefix)) if "params" in table else ()
     if mode in ("keep", "drop"):
         if not params:
-            raise _Invalid(f"{prefix}.params", f"mode {mode!r} needs a non-empty params list")
+            raise InvalidValue(f"{prefix}.params", f"mode {mode!r} needs a non-empty params list")
     elif "params" in table:
-        raise _Invalid(f"{prefix}.params", f"not allowed with mode {mode!r}")
+        raise InvalidValue(f"{prefix}.params", f"not allowed with mode {mode!r}")
     for index, param in enumerate(params):
         if not param or "&" in param or "=" in param:
-            raise _Invalid(f"{prefix}.params[{index}]", f"{param!r} is not a query parameter name")
+            raise InvalidValue(
+                f"{prefix}.params[{index}]", f"{param!r} is not a query parameter name"
+            )
     return QueryPolicy(mode=mode, params=params)
 
 
 def _origin_url(url: str, key: str) -> str:
-    """`url` normalised to "scheme://host[:port]", or _Invalid saying what is wrong."""
+    """`url` normalised to "scheme://host[:port]", or InvalidValue saying what is wrong."""
     # urlsplit silently drops some whitespace and treats "?" / "#" as empty parts: check first.
     if any(c.isspace() for c in url) or "?" in url or "#" in url:
-        raise _Invalid(key, f"{url!r} must not contain whitespace, a query or a fragment")
+        raise InvalidValue(key, f"{url!r} must not contain whitespace, a query or a fragment")
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unclosed "[" around an IPv6 address
-        raise _Invalid(key, f"{url!r} is not a valid URL") from None
+        raise InvalidValue(key, f"{url!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not url.lower().startswith(parts.scheme + "://"):
-        raise _Invalid(key, f"{url!r} is not an http:// or https:// URL")
+        raise InvalidValue(key, f"{url!r} is not an http:// or https:// URL")
     if parts.path not in ("", "/"):
-        raise _Invalid(key, f"{url!r} must not have a path")
+        raise InvalidValue(key, f"{url!r} must not have a path")
     if "@" in parts.netloc:
-        raise _Invalid(key, f"{url!r} must not contain credentials")
+        raise InvalidValue(key, f"{url!r} must not contain credentials")
     try:
         port = parts.port
     except ValueError:
-        raise _Invalid(key, f"{url!r} has an invalid port") from None
+        raise InvalidValue(key, f"{url!r} has an invalid port") from None
     if port == 0:
-        raise _Invalid(key, f"{url!r} has an invalid port")
+        raise InvalidValue(key, f"{url!r} has an invalid port")
     host = parts.hostname or ""
     problem = _host_problem(host, bracketed=parts.netloc.startswith("["))
     if problem:
-        raise _Invalid(key, f"{url!r} has an invalid host: {problem}")
+        raise InvalidValue(key, f"{url!r} has an invalid host: {problem}")
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
         netloc += f":{port}"
@@ -552,15 +561,15 @@ def _origin_url(url: str, key: str) -> str:
 def _origin_host(value: str, prefix: str) -> str:
     """A Host header value: a host name or IP literal, with an optional port, lowercased."""
     if "/" in value:
-        raise _Invalid(
+        raise InvalidValue(
             f"{prefix}.origin_host", f"{value!r} must be a host with an optional port, not a URL"
         )
     try:
         _, port = _split_host_port(value, port_required=False)
     except ValueError as exc:
-        raise _Invalid(f"{prefix}.origin_host", f"{value!r} {exc}") from None
+        raise InvalidValue(f"{prefix}.origin_host", f"{value!r} {exc}") from None
     if port == 0:
-        raise _Invalid(f"{prefix}.origin_host", f"{value!r} has an invalid port")
+        raise InvalidValue(f"{prefix}.origin_host", f"{value!r} has an invalid port")
     return value.lower()
 
 
@@ -573,7 +582,7 @@ def _listen_address(
     try:
         host, port = _split_host_port(value, port_required=True)
     except ValueError as exc:
-        raise _Invalid(f"{prefix}.{name}", f"{value!r} {exc}") from None
+        raise InvalidValue(f"{prefix}.{name}", f"{value!r} {exc}") from None
     assert port is not None  # port_required
     return host, port
 
@@ -653,7 +662,7 @@ def _check_keys(table: Mapping[str, object], prefix: str, allowed: tuple[str, ..
             hint = (
                 f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(allowed)}"
             )
-            raise _Invalid(_join(prefix, key), f"unknown key ({hint})")
+            raise InvalidValue(_join(prefix, key), f"unknown key ({hint})")
 
 
 def _join(prefix: str, key: str) -> str:
@@ -665,26 +674,26 @@ def _join(prefix: str, key: str) -> str:
 def _table(table: Mapping[str, object], name: str, prefix: str) -> dict[str, object]:
     value = table.get(name, {})
     if not isinstance(value, dict):
-        raise _Invalid(_join(prefix, name), f"expected a table, got {_type_name(value)}")
+        raise InvalidValue(_join(prefix, name), f"expected a table, got {_type_name(value)}")
     return value
 
 
 def _string(table: Mapping[str, object], name: str, prefix: str, default: str) -> str:
     value = table.get(name, default)
     if not isinstance(value, str):
-        raise _Invalid(_join(prefix, name), f"expected a string, got {_type_name(value)}")
+        raise InvalidValue(_join(prefix, name), f"expected a string, got {_type_name(value)}")
     return value
 
 
 def _string_list(table: Mapping[str, object], name: str, prefix: str) -> list[str]:
     value = table.get(name)
     if not isinstance(value, list):
-        raise _Invalid(
+        raise InvalidValue(
             _join(prefix, name), f"expected an array of strings, got {_type_name(value)}"
         )
     for index, item in enumerate(value):
         if not isinstance(item, str):
-            raise _Invalid(
+            raise InvalidValue(
                 f"{_join(prefix, name)}[{index}]", f"expected a string, got {_type_name(item)}"
             )
     return value
@@ -693,7 +702,7 @@ def _string_list(table: Mapping[str, object], name: str, prefix: str) -> list[st
 def _boolean(table: Mapping[str, object], name: str, prefix: str, default: bool) -> bool:
     value = table.get(name, default)
     if not isinstance(value, bool):
-        raise _Invalid(_join(prefix, name), f"expected true or false, got {_type_name(value)}")
+        raise InvalidValue(_join(prefix, name), f"expected true or false, got {_type_name(value)}")
     return value
 
 
@@ -702,9 +711,9 @@ def _integer(
 ) -> int:
     value = table.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise _Invalid(_join(prefix, name), f"expected an integer, got {_type_name(value)}")
+        raise InvalidValue(_join(prefix, name), f"expected an integer, got {_type_name(value)}")
     if value < minimum:
-        raise _Invalid(_join(prefix, name), f"{value} is less than {minimum}")
+        raise InvalidValue(_join(prefix, name), f"{value} is less than {minimum}")
     return value
 
 
@@ -712,11 +721,11 @@ def _seconds(table: Mapping[str, object], name: str, prefix: str, default: float
     """A positive, finite number of seconds (int or float)."""
     value = table.get(name, default)
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise _Invalid(
+        raise InvalidValue(
             _join(prefix, name), f"expected seconds as a number, got {_type_name(value)}"
         )
     if not math.isfinite(value) or value <= 0:
-        raise _Invalid(_join(prefix, name), f"{value} is not a positive number of seconds")
+        raise InvalidValue(_join(prefix, name), f"{value} is not a positive number of seconds")
     return float(value)
 
 
@@ -729,9 +738,9 @@ def _size(
     try:
         size = parse_size(table[name])
     except ValueError as exc:
-        raise _Invalid(_join(prefix, name), str(exc)) from None
+        raise InvalidValue(_join(prefix, name), str(exc)) from None
     if size == 0 and not allow_zero:
-        raise _Invalid(_join(prefix, name), "must be more than 0 bytes")
+        raise InvalidValue(_join(prefix, name), "must be more than 0 bytes")
     return size
 
 

@@ -149,6 +149,20 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_api_tokens_account_id"), ["account_id"], unique=False)
 
     op.create_table(
+        "task_results",
+        sa.Column("task_id", sa.Integer(), nullable=False),
+        sa.Column("edge_id", sa.Integer(), nullable=False),
+        sa.Column("result", JSON, nullable=False),
+        sa.Column("at", UTCDateTime(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["edge_id"], ["edges.id"], name=op.f("fk_task_results_edge_id_edges")
+        ),
+        sa.ForeignKeyConstraint(
+            ["task_id"], ["tasks.id"], name=op.f("fk_task_results_task_id_tasks")
+        ),
+        sa.PrimaryKeyConstraint("task_id", "edge_id", name=op.f("pk_task_results")),
+    )
+    op.create_table(
         "audit_log",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("account_id", sa.Integer(), nullable=True),
@@ -177,6 +191,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_audit_log_account_at")
 
     op.drop_table("audit_log")
+    op.drop_table("task_results")
     with op.batch_alter_table("api_tokens", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_api_tokens_account_id"))
 

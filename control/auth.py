@@ -1,0 +1,144 @@
+"""Bearer tokens and who they name (agreement 3.6: scoped sub-account tokens).
+
+A token is 256 random bits, shown once when it is made; only its SHA-256 is stored (a fast hash
+is enough for random secrets of that size: there is nothing to brute-force). The operator's
+bootstrap token comes from the config or the environment and is compared in constant time.
+Tokens never reach a log: `Principal` has no field that holds one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from control.schema import accounts, api_tokens, edges, subaccounts
+
+SCOPES: tuple[str, ...] = (
+    "domains:read",
+    "domains:write",
+    "purge",
+    "usage:read",
+    "logs:read",
+    "billing:read",
+)
+
+TokenKind = Literal["account", "subaccount", "edge"]
+_PREFIX: dict[TokenKind, str] = {
+    "account": "cdn_acct_",
+    "subaccount": "cdn_sub_",
+    "edge": "cdn_edge_",
+}
+
+
+def new_token(kind: TokenKind) -> tuple[str, str]:
+    """A fresh token and the hash to store for it. The prefix only helps people (and secret
+    scanners) recognise what a leaked token is; it grants nothing."""
+    token = _PREFIX[kind] + secrets.token_urlsafe(32)
+    return token, hash_token(token)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling. Operators see everything; an account only its own resources; a
+    sub-account its account's resources, within its scopes and domain limit; an edge only the
+    edge endpoints."""
+
+    kind: Literal["operator", "account", "subaccount", "edge"]
+    account_id: int | None = None
+    subaccount_id: int | None = None
+    edge_id: int | None = None
+    scopes: frozenset[str] = frozenset()
+    # Domain names a sub-account is limited to; None: all of its account's.
+    domains: frozenset[str] | None = None
+    token_id: int | None = None
+
+    def allows(self, scope: str) -> bool:
+        """Whether this principal may act in `scope` on its account's resources."""
+        if self.kind == "account":
+            return True
+        return self.kind == "subaccount" and scope in self.scopes
+
+    def sees_domain(self, name: str) -> bool:
+        return self.domains is None or name in self.domains
+
+
+def is_operator_token(token: str, operator_token: str) -> bool:
+    return bool(operator_token) and hmac.compare_digest(
+        token.encode("utf-8", "surrogateescape"), operator_token.encode("utf-8", "surrogateescape")
+    )
+
+
+async def principal_for(conn: AsyncConnection, token: str, operator_token: str) -> Principal | None:
+    """The principal `token` names, or None for an unknown, revoked or orphaned token.
+
+    Read on every request, never cached: a revoked token stops working at once, on every
+    control replica."""
+    if is_operator_token(token, operator_token):
+        return Principal(kind="operator")
+    row = (
+        await conn.execute(
+            select(
+                api_tokens.c.id,
+                api_tokens.c.kind,
+                api_tokens.c.account_id,
+                api_tokens.c.subaccount_id,
+                api_tokens.c.edge_id,
+            ).where(api_tokens.c.token_hash == hash_token(token), api_tokens.c.revoked_at.is_(None))
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.kind == "edge":
+        live = (
+            await conn.execute(
+                select(edges.c.id).where(edges.c.id == row.edge_id, edges.c.deleted_at.is_(None))
+            )
+        ).first()
+        return Principal(kind="edge", edge_id=row.edge_id, token_id=row.id) if live else None
+    account = (
+        await conn.execute(select(accounts.c.state).where(accounts.c.id == row.account_id))
+    ).first()
+    # A terminated account's tokens are dead (agreement 6.3); a suspended one may still log in
+    # to read its bills and pay.
+    if account is None or account.state == "terminated":
+        return None
+    if row.kind == "account":
+        return Principal(kind="account", account_id=row.account_id, token_id=row.id)
+    sub = (
+        await conn.execute(
+            select(subaccounts.c.scopes, subaccounts.c.domains).where(
+                subaccounts.c.id == row.subaccount_id, subaccounts.c.deleted_at.is_(None)
+            )
+        )
+    ).first()
+    if sub is None:
+        return None
+    return Principal(
+        kind="subaccount",
+        account_id=row.account_id,
+        subaccount_id=row.subaccount_id,
+        scopes=frozenset(sub.scopes),
+        domains=None if sub.domains is None else frozenset(sub.domains),
+        token_id=row.id,
+    )
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
