@@ -28,6 +28,8 @@ SCOPES: tuple[str, ...] = (
     "billing:read",
 )
 
+PRINCIPAL = "principal"  # the aiohttp request key holding the caller's Principal
+
 TokenKind = Literal["account", "subaccount", "edge"]
 _PREFIX: dict[TokenKind, str] = {
     "account": "cdn_acct_",
