@@ -67,6 +67,9 @@ async def test_200_clients_one_origin_fetch(make_origin, make_edge) -> None:
     assert cs_params(await get(edge, "/hot")).get("hit") is True
 
 
+BODY_GAP = 1.5  # seconds between the two halves of the slow origin's body
+
+
 async def test_first_byte_not_delayed_by_the_whole_body(make_origin, make_edge) -> None:
     part = b"a" * 4096
 
@@ -75,7 +78,7 @@ async def test_first_byte_not_delayed_by_the_whole_body(make_origin, make_edge) 
         resp.content_length = 2 * len(part)
         await resp.prepare(req)
         await resp.write(part)
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(BODY_GAP)
         await resp.write(part)
         return resp
 
@@ -88,8 +91,9 @@ async def test_first_byte_not_delayed_by_the_whole_body(make_origin, make_edge) 
         starter, joiner
     )
     assert body1 == body2 == part * 2
-    assert first1 < 0.3 and first2 < 0.3
-    assert total1 >= 0.55 and total2 >= 0.45
+    # Half the gap: far from it even on a loaded CI machine (0.42 s was seen against 0.3 s).
+    assert first1 < BODY_GAP / 2 and first2 < BODY_GAP / 2
+    assert total1 >= BODY_GAP - 0.05 and total2 >= BODY_GAP - 0.15
     assert b"collapsed" in head2 and origin.hits["/slow"] == 1
 
 
