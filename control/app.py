@@ -1,29 +1,54 @@
 """The control plane's aiohttp application: lifecycle, authentication and error rendering.
 
-Routes live one module per concern and are added by `make_app`; each handler finds the caller in
-`request[PRINCIPAL]` (set here from the bearer token) and raises `Problem` for any error.
+Routes live one module per concern, each with its own `RouteTable`, and are added by `make_app`;
+each handler finds the caller in `request[PRINCIPAL]` (set here from the bearer token) and raises
+`Problem` for any error. The app keys live in `control.api` (handlers need them without importing
+this module) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from control import accounts, blocks, domains, edges, openapi, purge, subaccounts
+from control.api import CNAME_SUFFIX, ENGINE, FEED, OPERATOR_TOKEN, Handler, Route
 from control.auth import PRINCIPAL, Principal, bearer_token, principal_for
+from control.config import ControlConfig
+from control.db import engine_for, migrate
+from control.feed import Feed
 from control.problems import Problem
+
+__all__ = [
+    "CNAME_SUFFIX",
+    "ENGINE",
+    "FEED",
+    "OPERATOR_TOKEN",
+    "ROUTES",
+    "errors_and_auth",
+    "make_app",
+]
 
 log = logging.getLogger("control")
 
-ENGINE = web.AppKey("engine", AsyncEngine)
-OPERATOR_TOKEN = web.AppKey("operator_token", str)
+# The route table: what the app serves and what /v1/openapi.json documents.
+ROUTES: tuple[Route, ...] = (
+    *accounts.routes.routes,
+    *edges.routes.routes,
+    *domains.routes.routes,
+    *purge.routes.routes,
+    *blocks.routes.routes,
+    *subaccounts.routes.routes,
+    *openapi.routes.routes,
+)
+
+# Largest request body: 1000 URLs of a few KiB each.
+MAX_BODY = 8 * 2**20
 
 # Paths served without a token.
 PUBLIC_PATHS = frozenset({"/v1/openapi.json", "/healthz"})
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
@@ -54,3 +79,41 @@ async def authenticate(request: web.Request) -> Principal:
     if principal is None:
         raise Problem(401, "the token is unknown or revoked")
     return principal
+
+
+def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Application:
+    """The control plane on `engine`; without one, an engine for `config.database` that the app
+    migrates on startup and disposes of on cleanup (tests pass their own, already migrated)."""
+    owned = engine is None
+    store = engine_for(config.database) if engine is None else engine
+    feed = Feed(store, heartbeat=config.heartbeat, keep=config.change_log_keep)
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
+    app[ENGINE] = store
+    app[OPERATOR_TOKEN] = config.admin_token
+    app[CNAME_SUFFIX] = config.cname_suffix
+    app[FEED] = feed
+    app[openapi.DOCUMENT] = openapi.document([*ROUTES, *openapi.EDGE_ROUTES])
+    for route in ROUTES:
+        assert route.handler is not None
+        app.router.add_route(route.method, route.router_path, route.handler)
+    app.add_routes(feed.routes())
+
+    async def start(_: web.Application) -> None:
+        if owned:
+            await migrate(store)
+        await feed.start()
+
+    async def end_streams(_: web.Application) -> None:
+        # on_shutdown runs before the server waits for open requests: edge streams never end
+        # by themselves and would hold a graceful stop for the whole shutdown timeout.
+        await feed.stop()
+
+    async def stop(_: web.Application) -> None:
+        await feed.stop()
+        if owned:
+            await store.dispose()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(end_streams)
+    app.on_cleanup.append(stop)
+    return app

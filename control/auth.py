@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
+from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -27,8 +28,6 @@ SCOPES: tuple[str, ...] = (
     "logs:read",
     "billing:read",
 )
-
-PRINCIPAL = "principal"  # the aiohttp request key holding the caller's Principal
 
 TokenKind = Literal["account", "subaccount", "edge"]
 _PREFIX: dict[TokenKind, str] = {
@@ -72,6 +71,10 @@ class Principal:
 
     def sees_domain(self, name: str) -> bool:
         return self.domains is None or name in self.domains
+
+
+# The aiohttp request key holding the caller's Principal.
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def is_operator_token(token: str, operator_token: str) -> bool:

@@ -1,4 +1,4 @@
-"""`cdn` command line: `cdn edge`, `cdn origin`, `cdn up` (the demo)."""
+"""`cdn` command line: `cdn edge`, `cdn control`, `cdn origin`, `cdn up` (the demo)."""
 
 from __future__ import annotations
 
@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SECONDS",
         help="how long stopping workers may finish in-flight responses (default 10)",
     )
+    p_control = sub.add_parser(
+        "control",
+        help="run the control plane (API and change feed) from a config file",
+        description="Migrate the database and serve the /v1 API. SIGTERM/SIGINT: stop.",
+    )
+    p_control.add_argument("--config", required=True, help="control TOML config")
     p_origin = sub.add_parser("origin", help="run the sample origin (demo and benchmarks)")
     p_origin.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 8001))
     p_origin.add_argument("--dir", type=Path, default=Path("var/demo/origin"))
@@ -168,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.command == "edge":
         sys.exit(_edge(args.config, args.loop, args.log_level, args.drain_timeout))
+    elif args.command == "control":
+        # Alembic announces its plugins at INFO when imported: noise around a bad config's line.
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+        from control.server import main as control_main
+
+        sys.exit(control_main(args.config, args.loop))
     elif args.command == "origin":
         host, port = args.listen
         _run(_origin_main(host, port, args.dir), args.loop)

@@ -1,4 +1,4 @@
-"""Fixtures for the control-plane suite: every store test runs on SQLite and on PostgreSQL.
+"""Fixtures for the control-plane suite: every store and API test runs on SQLite and on PostgreSQL.
 
 PostgreSQL: ``CONTROL_TEST_POSTGRES_URL`` (default ``postgresql://postgres@127.0.0.1:5432/test``,
 trust auth, as in CI). Each test gets a fresh schema, put first on the search path of every pooled
@@ -8,16 +8,28 @@ reached the PostgreSQL half is skipped locally, and fails when ``CI=true``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp.test_utils import TestClient
+from multidict import CIMultiDictProxy
+from pytest_aiohttp import AiohttpClient
+from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from control.app import ROUTES, make_app
+from control.config import ControlConfig
 from control.db import engine_for, migrate
+from control.openapi import EDGE_ROUTES
+from control.schema import Change, change_counter, changes_since
 
 PG_URL = os.environ.get("CONTROL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -69,3 +81,136 @@ async def db(engine: AsyncEngine) -> AsyncEngine:
     """A migrated database on the parametrized backend."""
     await migrate(engine)
     return engine
+
+
+# --- the running API ----------------------------------------------------------------------------
+
+ADMIN_TOKEN = "test-operator-token-f3b9c1d2"
+CNAME_SUFFIX = "cdn.test"
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any  # parsed JSON, or None for an empty body
+    headers: CIMultiDictProxy[str]
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "").partition(";")[0]
+
+
+_TABLE = [
+    (
+        route,
+        re.compile(re.sub(r"{(\w+)}", lambda m: "[0-9]+" if m[1] == "id" else "[^/]+", route.path)),
+    )
+    for route in (*ROUTES, *EDGE_ROUTES)
+]
+
+
+def _check_response(method: str, path: str, reply: Reply) -> None:
+    """Every successful answer has the status and the body its route-table entry documents."""
+    bare = path.partition("?")[0]
+    [route] = [r for r, pattern in _TABLE if r.method == method and pattern.fullmatch(bare)]
+    assert reply.status == route.status, (method, path, reply.status)
+    if route.status == 204:
+        assert reply.body is None
+    elif route.response is not None:
+        route.response.model_validate(reply.body)
+
+
+class Api:
+    """A control app served on a real socket, with helpers that make accounts, sub-accounts,
+    edges and domains through the API itself."""
+
+    def __init__(self, client: TestClient[Any, Any], engine: AsyncEngine) -> None:
+        self.client = client
+        self.engine = engine
+        self.app = client.app
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        token: str | None = ADMIN_TOKEN,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+    ) -> Reply:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        async with self.client.request(method, path, headers=headers, data=data) as resp:
+            text = await resp.read()
+            parsed = json.loads(text) if text else None
+            reply = Reply(resp.status, parsed, resp.headers)
+        if 200 <= reply.status < 300:
+            _check_response(method, path, reply)
+        return reply
+
+    async def ok(
+        self,
+        method: str,
+        path: str,
+        token: str | None = ADMIN_TOKEN,
+        body: Any = None,
+        status: int | None = None,
+    ) -> Any:
+        """The parsed body of a call that must succeed (with `status`, if given)."""
+        reply = await self.call(method, path, token, body)
+        expected = status if status is not None else reply.status
+        assert reply.status < 300 and reply.status == expected, (method, path, reply)
+        return reply.body
+
+    async def account(self, name: str = "acme") -> tuple[int, str]:
+        made = await self.ok("POST", "/v1/accounts", body={"name": name, "billing": "prepaid"})
+        return made["account"]["id"], made["token"]
+
+    async def subaccount(
+        self,
+        account_token: str,
+        scopes: list[str],
+        domains: list[str] | None = None,
+        name: str = "helper",
+    ) -> tuple[int, str]:
+        body: dict[str, Any] = {"name": name, "scopes": scopes}
+        if domains is not None:
+            body["domains"] = domains
+        made = await self.ok("POST", "/v1/subaccounts", account_token, body, status=201)
+        return made["subaccount"]["id"], made["token"]
+
+    async def edge(self, name: str = "edge-1") -> tuple[int, str]:
+        made = await self.ok("POST", "/v1/edges", body={"name": name}, status=201)
+        return made["edge"]["id"], made["token"]
+
+    async def domain(self, token: str, name: str, **settings: Any) -> Any:
+        body = {"name": name, "origins": ["http://origin.example:8080"], **settings}
+        return await self.ok("POST", "/v1/domains", token, body, status=201)
+
+    async def changes(self, after: int = 0) -> list[Change]:
+        async with self.engine.connect() as conn:
+            return await changes_since(conn, after, 10_000)
+
+    async def version(self) -> int:
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(select(change_counter.c.version))).scalar_one())
+
+    async def rows(self, table: Table) -> list[Any]:
+        async with self.engine.connect() as conn:
+            return list(await conn.execute(select(table)))
+
+
+@pytest.fixture
+async def api(db: AsyncEngine, aiohttp_client: AiohttpClient) -> Api:
+    """The control plane on the parametrized database, listening on a real socket."""
+    config = ControlConfig(
+        source="test",
+        admin_token=ADMIN_TOKEN,
+        cname_suffix=CNAME_SUFFIX,
+        heartbeat=1.0,
+        change_log_keep=3600.0,
+    )
+    client = await aiohttp_client(make_app(config, db))
+    return Api(client, db)

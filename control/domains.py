@@ -1,0 +1,348 @@
+"""Domains: an account's own (validated by the edge's config parser) and the operator's suspend,
+resume and terminate. Every write publishes the change edges act on, in its own transaction.
+
+A domain row holds the state edges enforce. Suspending an account suspends its active domains
+with the reason prefixed by `ACCOUNT_SUSPENDED`; resuming the account restores exactly those, so a
+domain the operator suspended on its own stays suspended until the operator resumes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from control.api import (
+    ACCOUNTS,
+    CNAME_SUFFIX,
+    OPERATOR,
+    RouteTable,
+    account_of,
+    audit,
+    caller,
+    invalid,
+    iso,
+    now,
+    reading,
+    writing,
+)
+from control.auth import Principal
+from control.feed import publish
+from control.models import DomainList, DomainOut, DomainSettings, NewDomain, StateChange
+from control.problems import Problem
+from control.schema import accounts, domains
+from edge.config import DomainConfig, InvalidValue, QueryPolicy, parse_domain
+
+ACCOUNT_SUSPENDED = "account suspended: "
+
+routes = RouteTable()
+
+
+# --- helpers other modules use --------------------------------------------------------------------
+
+
+def domain_config(parsed: DomainConfig) -> dict[str, Any]:
+    """The normalised `[[domains]]` table without `name`, as edges receive it: only what differs
+    from the defaults, in the form `edge.config.parse_domain` reads back to the same domain."""
+    config: dict[str, Any] = {"origins": list(parsed.origins)}
+    if parsed.origin_host is not None:
+        config["origin_host"] = parsed.origin_host
+    if parsed.rules:
+        rules = []
+        for rule in parsed.rules:
+            table: dict[str, Any] = {rule.kind: list(rule.values)}
+            if rule.ttl is not None:
+                table["ttl"] = rule.ttl
+            if not rule.respect_origin:
+                table["respect_origin"] = False
+            if rule.slice is not None:
+                table["slice"] = rule.slice
+            rules.append(table)
+        config["rules"] = rules
+    if parsed.query != QueryPolicy():
+        query: dict[str, Any] = {"mode": parsed.query.mode}
+        if parsed.query.params:
+            query["params"] = list(parsed.query.params)
+        config["query"] = query
+    return config
+
+
+def validated(table: dict[str, Any]) -> DomainConfig:
+    """`table` checked by the edge's own parser; a 422 naming the field (`origins[0]`)."""
+    try:
+        return parse_domain(table, "domain")
+    except InvalidValue as exc:
+        field = exc.key.removeprefix("domain").removeprefix(".") or "(body)"
+        raise invalid([{"field": field, "problem": exc.problem}]) from None
+
+
+def change_payload(row: Row[Any]) -> dict[str, Any]:
+    """DOMAIN as in control/README.md."""
+    return {"name": row.name, "state": row.state, "reason": row.state_reason, "config": row.config}
+
+
+def view(row: Row[Any], cname_suffix: str) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        **row.config,
+        "state": row.state,
+        "reason": row.state_reason,
+        "cname": f"{row.name}.{cname_suffix}",
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+    }
+
+
+async def set_state(conn: AsyncConnection, row: Row[Any], state: str, reason: str) -> None:
+    """Store a domain's new state and publish the `domain.state` change."""
+    await conn.execute(
+        update(domains)
+        .where(domains.c.id == row.id)
+        .values(state=state, state_reason=reason, updated_at=now())
+    )
+    await publish(conn, "domain.state", {"name": row.name, "state": state, "reason": reason})
+
+
+async def find(conn: AsyncConnection, name: str) -> Row[Any] | None:
+    return (await conn.execute(select(domains).where(domains.c.name == name))).first()
+
+
+async def _reload(conn: AsyncConnection, name: str) -> Row[Any]:
+    return (await conn.execute(select(domains).where(domains.c.name == name))).one()
+
+
+async def own(conn: AsyncConnection, principal: Principal, name: str) -> Row[Any]:
+    """The caller's domain `name`; another account's, or one outside a sub-account's limit,
+    is 404 exactly like a missing one."""
+    row = await find(conn, name)
+    if row is None or row.account_id != principal.account_id or not principal.sees_domain(name):
+        raise Problem(404, f"no domain {name!r}")
+    return row
+
+
+async def require_active_account(conn: AsyncConnection, account_id: int) -> None:
+    """Refuse writes that would make a suspended account's domains serve again."""
+    account = (
+        await conn.execute(
+            select(accounts.c.state, accounts.c.state_reason).where(accounts.c.id == account_id)
+        )
+    ).one()
+    if account.state != "active":
+        raise Problem(403, f"the account is {account.state}: {account.state_reason}")
+
+
+def path_name(request: web.Request) -> str:
+    return request.match_info["name"].lower().removesuffix(".")
+
+
+def _not_terminated(row: Row[Any]) -> None:
+    if row.state == "terminated":
+        raise Problem(409, f"domain {row.name!r} was terminated: {row.state_reason}")
+
+
+# --- an account's domains -------------------------------------------------------------------------
+
+
+@routes.route(
+    "GET",
+    "/v1/domains",
+    "List the caller's domains",
+    who=ACCOUNTS,
+    scope="domains:read",
+    response=DomainList,
+)
+async def list_domains(request: web.Request) -> web.StreamResponse:
+    principal = caller(request)
+    async with reading(request) as conn:
+        rows = await conn.execute(
+            select(domains)
+            .where(domains.c.account_id == account_of(principal))
+            .order_by(domains.c.name)
+        )
+        visible = [row for row in rows if principal.sees_domain(row.name)]
+    suffix = request.app[CNAME_SUFFIX]
+    return web.json_response({"domains": [view(row, suffix) for row in visible]})
+
+
+@routes.route_with_body(
+    "POST",
+    "/v1/domains",
+    "Add a domain (the edge's [[domains]] table)",
+    NewDomain,
+    who=ACCOUNTS,
+    scope="domains:write",
+    status=201,
+    response=DomainOut,
+)
+async def create_domain(request: web.Request, body: NewDomain) -> web.StreamResponse:
+    principal = caller(request)
+    account_id = account_of(principal)
+    parsed = validated(body.model_dump(exclude_unset=True, exclude_none=True))
+    if not principal.sees_domain(parsed.name):
+        raise Problem(
+            403, f"this sub-account may not add domains beyond its limit ({parsed.name!r})"
+        )
+    config = domain_config(parsed)
+    try:
+        async with writing(request) as conn:
+            await require_active_account(conn, account_id)
+            if await find(conn, parsed.name) is not None:
+                raise Problem(409, f"domain {parsed.name!r} is already registered")
+            at = now()
+            await conn.execute(
+                insert(domains).values(
+                    account_id=account_id,
+                    name=parsed.name,
+                    config=config,
+                    state="active",
+                    state_reason="",
+                    created_at=at,
+                    updated_at=at,
+                )
+            )
+            row = await _reload(conn, parsed.name)
+            await publish(conn, "domain.upsert", {"domain": change_payload(row)})
+            await audit(conn, principal, account_id, "domain.create", row.name, {"config": config})
+    except IntegrityError:  # registered by a concurrent request since the check
+        raise Problem(409, f"domain {parsed.name!r} is already registered") from None
+    response = web.json_response(view(row, request.app[CNAME_SUFFIX]), status=201)
+    response.headers["Location"] = f"/v1/domains/{row.name}"
+    return response
+
+
+@routes.route(
+    "GET",
+    "/v1/domains/{name}",
+    "One of the caller's domains",
+    who=ACCOUNTS,
+    scope="domains:read",
+    response=DomainOut,
+)
+async def get_domain(request: web.Request) -> web.StreamResponse:
+    async with reading(request) as conn:
+        row = await own(conn, caller(request), path_name(request))
+    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+
+
+@routes.route_with_body(
+    "PUT",
+    "/v1/domains/{name}",
+    "Replace a domain's settings",
+    DomainSettings,
+    who=ACCOUNTS,
+    scope="domains:write",
+    response=DomainOut,
+)
+async def update_domain(request: web.Request, body: DomainSettings) -> web.StreamResponse:
+    principal = caller(request)
+    name = path_name(request)
+    async with writing(request) as conn:
+        row = await own(conn, principal, name)
+        _not_terminated(row)
+        await require_active_account(conn, row.account_id)
+        table = {"name": name, **body.model_dump(exclude_unset=True, exclude_none=True)}
+        config = domain_config(validated(table))
+        await conn.execute(
+            update(domains).where(domains.c.id == row.id).values(config=config, updated_at=now())
+        )
+        row = await _reload(conn, name)
+        await publish(conn, "domain.upsert", {"domain": change_payload(row)})
+        await audit(conn, principal, row.account_id, "domain.update", name, {"config": config})
+    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+
+
+@routes.route(
+    "DELETE",
+    "/v1/domains/{name}",
+    "Remove a domain (edges forget it and delete its cached objects)",
+    who=ACCOUNTS,
+    scope="domains:write",
+    status=204,
+)
+async def delete_domain(request: web.Request) -> web.StreamResponse:
+    principal = caller(request)
+    name = path_name(request)
+    async with writing(request) as conn:
+        row = await own(conn, principal, name)
+        _not_terminated(row)
+        await conn.execute(delete(domains).where(domains.c.id == row.id))
+        await publish(conn, "domain.delete", {"name": name})
+        await audit(conn, principal, row.account_id, "domain.delete", name)
+    return web.Response(status=204)
+
+
+# --- the operator's -------------------------------------------------------------------------------
+
+
+async def _operator_domain(conn: AsyncConnection, name: str) -> Row[Any]:
+    row = await find(conn, name)
+    if row is None:
+        raise Problem(404, f"no domain {name!r}")
+    _not_terminated(row)
+    return row
+
+
+@routes.route_with_body(
+    "POST",
+    "/v1/domains/{name}/suspend",
+    "Suspend a domain (edges answer 403 with the reason)",
+    StateChange,
+    who=OPERATOR,
+    response=DomainOut,
+)
+async def suspend_domain(request: web.Request, body: StateChange) -> web.StreamResponse:
+    name = path_name(request)
+    async with writing(request) as conn:
+        row = await _operator_domain(conn, name)
+        await set_state(conn, row, "suspended", body.reason)
+        await audit(
+            conn, caller(request), row.account_id, "domain.suspend", name, {"reason": body.reason}
+        )
+        row = await _reload(conn, name)
+    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+
+
+@routes.route(
+    "POST",
+    "/v1/domains/{name}/resume",
+    "Resume a suspended domain",
+    who=OPERATOR,
+    response=DomainOut,
+)
+async def resume_domain(request: web.Request) -> web.StreamResponse:
+    name = path_name(request)
+    async with writing(request) as conn:
+        row = await _operator_domain(conn, name)
+        account = (
+            await conn.execute(select(accounts.c.state).where(accounts.c.id == row.account_id))
+        ).one()
+        if account.state != "active":
+            raise Problem(409, f"the domain's account is {account.state}: resume the account")
+        if row.state != "active":
+            await set_state(conn, row, "active", "")
+            await audit(conn, caller(request), row.account_id, "domain.resume", name)
+            row = await _reload(conn, name)
+    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+
+
+@routes.route_with_body(
+    "POST",
+    "/v1/domains/{name}/terminate",
+    "Terminate a domain (edges answer 404 and delete its cached objects); final",
+    StateChange,
+    who=OPERATOR,
+    response=DomainOut,
+)
+async def terminate_domain(request: web.Request, body: StateChange) -> web.StreamResponse:
+    name = path_name(request)
+    async with writing(request) as conn:
+        row = await _operator_domain(conn, name)
+        await set_state(conn, row, "terminated", body.reason)
+        await audit(
+            conn, caller(request), row.account_id, "domain.terminate", name, {"reason": body.reason}
+        )
+        row = await _reload(conn, name)
+    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
