@@ -16,7 +16,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
@@ -25,6 +25,7 @@ __all__ = [
     "CacheRule",
     "CacheSettings",
     "ConfigError",
+    "ControlSettings",
     "DomainConfig",
     "EdgeConfig",
     "EdgeSettings",
@@ -157,6 +158,18 @@ class EdgeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlSettings:
+    """`[control]`: the control plane this edge follows; its domains come from there."""
+
+    url: str  # "http(s)://host[:port][/path]", without a trailing "/"
+    token: str = field(repr=False)  # the edge's bearer token: never logged, never in an error
+    # Silence (not even a heartbeat) after which the feed is reconnected: 3 heartbeats.
+    read_timeout: float = 45.0
+    # At start, how long the edge waits for the control plane before it serves its saved state.
+    start_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     """A whole, validated config file."""
 
@@ -164,7 +177,9 @@ class EdgeConfig:
     edge: EdgeSettings
     cache: CacheSettings
     origin: OriginSettings
-    domains: Mapping[str, DomainConfig]  # by lowercase name; read-only
+    # By lowercase name; read-only. Empty with `control`: the control plane's state decides.
+    domains: Mapping[str, DomainConfig]
+    control: ControlSettings | None = None
 
     def domain_for_host(self, host: str) -> DomainConfig | None:
         """The domain a `Host` header value names, or None.
@@ -262,7 +277,7 @@ def parse_duration(value: object) -> int:
 
 # --- validation internals ---------------------------------------------------------------------
 
-_TOP_KEYS = ("edge", "cache", "origin", "domains")
+_TOP_KEYS = ("edge", "cache", "origin", "domains", "control")
 _EDGE_KEYS = (
     "listen",
     "admin_listen",
@@ -276,6 +291,8 @@ _EDGE_KEYS = (
 )
 _CACHE_KEYS = ("memory", "memory_max_object", "disk", "max_object", "slice")
 _ORIGIN_KEYS = ("connect_timeout", "first_byte_timeout", "idle_read_timeout", "max_connections")
+_CONTROL_KEYS = ("url", "token", "read_timeout", "start_timeout")
+TOKEN_ENV = "CDN_EDGE_TOKEN"
 _DOMAIN_KEYS = ("name", "origins", "origin_host", "rules", "query")
 _RULE_KINDS: tuple[Literal["suffix", "prefix", "path"], ...] = ("suffix", "prefix", "path")
 _RULE_KEYS = (*_RULE_KINDS, "ttl", "respect_origin", "slice")
@@ -310,13 +327,18 @@ def _parse_document(document: dict[str, object], source: str) -> EdgeConfig:
     edge = _parse_edge(_table(document, "edge", ""))
     cache = _parse_cache(_table(document, "cache", ""))
     origin = _parse_origin(_table(document, "origin", ""))
+    control = _parse_control(_table(document, "control", "")) if "control" in document else None
 
     entries = document.get("domains", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise InvalidValue(
             "domains", f"expected an array of tables ([[domains]]), got {_type_name(entries)}"
         )
-    if not entries:
+    if control is not None and entries:
+        raise InvalidValue(
+            "domains", "must be empty with [control]: the domains come from the control plane"
+        )
+    if control is None and not entries:
         raise InvalidValue("domains", "at least one [[domains]] entry is required")
     domains: dict[str, DomainConfig] = {}
     first_index: dict[str, int] = {}
@@ -335,6 +357,7 @@ def _parse_document(document: dict[str, object], source: str) -> EdgeConfig:
         cache=cache,
         origin=origin,
         domains=MappingProxyType(domains),
+        control=control,
     )
 
 
@@ -411,6 +434,31 @@ def _parse_origin(table: dict[str, object]) -> OriginSettings:
         max_connections=_integer(
             table, "max_connections", "origin", defaults.max_connections, minimum=1
         ),
+    )
+
+
+def _parse_control(table: dict[str, object]) -> ControlSettings:
+    _check_keys(table, "control", _CONTROL_KEYS)
+    if "url" not in table:
+        raise InvalidValue("control.url", "is required")
+    url = _string(table, "url", "control", "")
+    # The token may be in the URL's user part: never echo such a URL.
+    if "@" in url:
+        raise InvalidValue("control.url", "must not contain credentials (use control.token)")
+    # Nothing of a token may appear in an error, not even its type and value.
+    token = table.get("token", os.environ.get(TOKEN_ENV, ""))
+    if not isinstance(token, str):
+        raise InvalidValue("control.token", "expected a string")
+    if not token:
+        raise InvalidValue("control.token", f"is required with control.url (or set {TOKEN_ENV})")
+    if not token.isascii() or not token.isprintable() or " " in token:
+        raise InvalidValue("control.token", "must be printable ASCII without spaces")
+    defaults = ControlSettings(url="", token="")
+    return ControlSettings(
+        url=_origin_url(url, "control.url", allow_path=True),
+        token=token,
+        read_timeout=_seconds(table, "read_timeout", "control", defaults.read_timeout),
+        start_timeout=_seconds(table, "start_timeout", "control", defaults.start_timeout),
     )
 
 
@@ -527,8 +575,9 @@ def _parse_query(table: dict[str, object], prefix: str) -> QueryPolicy:
     return QueryPolicy(mode=mode, params=params)
 
 
-def _origin_url(url: str, key: str) -> str:
-    """`url` normalised to "scheme://host[:port]", or InvalidValue saying what is wrong."""
+def _origin_url(url: str, key: str, *, allow_path: bool = False) -> str:
+    """`url` normalised to "scheme://host[:port]" (plus the path without a trailing "/" if
+    `allow_path`), or InvalidValue saying what is wrong."""
     # urlsplit silently drops some whitespace and treats "?" / "#" as empty parts: check first.
     if any(c.isspace() for c in url) or "?" in url or "#" in url:
         raise InvalidValue(key, f"{url!r} must not contain whitespace, a query or a fragment")
@@ -538,7 +587,7 @@ def _origin_url(url: str, key: str) -> str:
         raise InvalidValue(key, f"{url!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not url.lower().startswith(parts.scheme + "://"):
         raise InvalidValue(key, f"{url!r} is not an http:// or https:// URL")
-    if parts.path not in ("", "/"):
+    if parts.path not in ("", "/") and not allow_path:
         raise InvalidValue(key, f"{url!r} must not have a path")
     if "@" in parts.netloc:
         raise InvalidValue(key, f"{url!r} must not contain credentials")
@@ -555,7 +604,8 @@ def _origin_url(url: str, key: str) -> str:
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
         netloc += f":{port}"
-    return f"{parts.scheme}://{netloc}"
+    path = parts.path.rstrip("/") if allow_path else ""
+    return f"{parts.scheme}://{netloc}{path}"
 
 
 def _origin_host(value: str, prefix: str) -> str:

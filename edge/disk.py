@@ -549,6 +549,25 @@ class DiskStore:
                 removed += self.remove(name)
         return removed
 
+    async def sweep(self, doomed: Callable[[ObjectMeta], bool]) -> int:
+        """Remove every committed object whose metadata `doomed` accepts (a purge's walk of
+        the disk, `edge.purge`): heads are read in steps off the event loop, so `doomed` runs
+        in a thread; returns how many files went."""
+        entries = _walk(self._objects)
+        removed = 0
+        while (step := await asyncio.to_thread(self._sweep_step, entries, doomed)) is not None:
+            for oid, path, ino in step:
+                self._forget(oid)
+                try:
+                    freed = _unlink_same(path, ino)  # not a newer object stored meanwhile
+                except OSError as e:
+                    self._write_failed(e)
+                    continue
+                if freed is not None:
+                    self._count(-freed)
+                    removed += 1
+        return removed
+
     # --- budget -----------------------------------------------------------------------------
     @property
     def bytes_used(self) -> int:
@@ -621,6 +640,32 @@ class DiskStore:
             elif len(name) in _ID_LENGTHS:
                 self._scan_object(Path(entry.path), step)
         return step if seen else None
+
+    @staticmethod
+    def _sweep_step(
+        entries: Iterator[os.DirEntry[str]], doomed: Callable[[ObjectMeta], bool]
+    ) -> list[tuple[str, Path, int]] | None:
+        """One sweep step, in a thread: (id, path, inode) of the doomed objects of a batch of
+        files; None when the walk is over. Unreadable and corrupt files are left to lookups."""
+        found: list[tuple[str, Path, int]] = []
+        seen = 0
+        for entry in itertools.islice(entries, _REBUILD_BATCH):
+            seen += 1
+            if len(entry.name) not in _ID_LENGTHS:
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                meta = _decode_meta(_read_head(fd)[0])
+                if doomed(meta):
+                    found.append((entry.name, Path(entry.path), os.fstat(fd).st_ino))
+            except (OSError, _Corrupt):
+                pass
+            finally:
+                os.close(fd)
+        return found if seen else None
 
     @staticmethod
     def _scan_object(path: Path, step: _Scanned) -> None:

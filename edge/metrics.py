@@ -117,8 +117,11 @@ def merge_snapshots(snapshots: Iterable[Snapshot], *, counters_only: bool = Fals
         if counters_only:
             continue
         for name, n in snap["gauges"].items():
-            if _GAUGE_MERGE.get(name, "sum") == "max":
+            merge = _GAUGE_MERGE.get(name, "sum")
+            if merge == "max":
                 gauges[name] = max(gauges.get(name, n), n)
+            elif merge == "min":
+                gauges[name] = min(gauges.get(name, n), n)
             else:
                 gauges[name] = gauges.get(name, 0) + n
     return out
@@ -208,7 +211,12 @@ GAUGES = (
     ),
 )
 
-_GAUGE_MERGE = {family.key: family.merge for family in GAUGES}
+# config_version, the control plane's version a worker enforces, is rendered by the
+# supervisor (cdn_edge_config_version): summed it would mean nothing, its least is the version
+# every worker enforces.
+_GAUGE_MERGE: dict[str, Literal["sum", "max", "min"]] = {
+    family.key: family.merge for family in GAUGES
+} | {"config_version": "min"}
 
 
 def families(snapshot: Snapshot) -> Iterator[Metric]:

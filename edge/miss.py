@@ -30,7 +30,7 @@ from edge.passing import Passing, _body_length, _origin_fields
 from edge.policy import RequestDirectives, ResponseDirectives
 from edge.range import if_range_allows, parse_range
 from edge.server import ClientGone, Exchange, synth_fields
-from edge.store import CachedObject, forced_directives, replay_block
+from edge.store import CachedObject, forced_directives, replay_block, tags_of
 from edge.tiers import Tiers, object_meta
 
 log = logging.getLogger("edge.request")  # the request path's logger, whichever module logs
@@ -433,6 +433,7 @@ class Fills(Passing):
             ),
             forced=forced,
             file=file,
+            tags=tags_of(fields),
         )
 
     def _release(self, fill: Fill) -> None:

@@ -23,7 +23,6 @@ from edge.fetch import OriginClient, OriginError
 from edge.fill import Fill, FillError
 from edge.metrics import EdgeStats
 from edge.server import Exchange
-from edge.slices import SLICE_MARK
 from edge.store import VIA, replay_block
 from edge.tiers import Tiers
 
@@ -113,14 +112,16 @@ class Passing(Delivery):
     def forget(self, keys: list[str], *, disk: bool) -> None:
         """Drop `keys` (their variants and slices) from this process, and from the disk when
         `disk`; a fetch of them in flight may finish for its clients but stores nothing."""
-        for key in keys:
-            if disk:
-                self.tiers.remove(key)
-            else:
-                self.tiers.memory.remove(key)
-                self.tiers.memory.remove_prefixed(key + SLICE_MARK)
-            for busy_key in [k for k in self.busy if k == key or k.startswith(key + "\n")]:
-                self.busy.pop(busy_key).invalidated = True
+        doomed = set(keys)
+        self.tiers.forget(doomed, disk=disk)
+        # A Vary variant's fetch is "key\nvalues" (`Fills.miss`).
+        self.invalidate_fills(lambda busy_key: busy_key.partition("\n")[0] in doomed)
+
+    def invalidate_fills(self, doomed: Callable[[str], bool]) -> None:
+        """Fetches in flight of the keys `doomed` accepts finish for their clients but store
+        nothing, and the next request for them fetches anew."""
+        for busy_key in [k for k in self.busy if doomed(k)]:
+            self.busy.pop(busy_key).invalidated = True
 
     # helpers -------------------------------------------------------------------------
     def forward_headers(

@@ -4,7 +4,8 @@
 
 - recv: `edge.server` frames and parses the request (`edge.http1`), refusing malformed ones.
 - route: Host -> domain config (`handle`); an unknown host is 404 and never reaches an origin.
-- admit: domain state and access rules (added by the control-plane and access-control issues).
+- admit: the control plane's domain states and URL blocks (`edge.controlstate.Gate`): 403
+  for a suspended domain, 451 for a blocked path; access rules come here too.
 - lookup: cache key (`edge.cachekey`) + Vary (`edge.store`) + freshness (`edge.policy`).
 - hit: a fresh stored response, written synchronously from prebuilt bytes (`edge.deliver`).
 - miss: one origin fetch per key (`Fill`), streamed to every waiting client (`edge.miss`);
@@ -27,13 +28,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 
 from cachetools import TTLCache
 
 from edge import policy
 from edge.cachekey import cache_key, normalize_path
 from edge.config import CacheRule, DomainConfig, EdgeConfig
+from edge.controlstate import ControlState, Gate, Purge
 from edge.deliver import Delivery, _closing
 from edge.fetch import OriginClient
 from edge.fill import Fill
@@ -41,6 +44,7 @@ from edge.metrics import EdgeStats
 from edge.miss import Fills
 from edge.passing import Passing
 from edge.policy import RequestDirectives
+from edge.purge import NEVER, BanKeeper, BanList, bans_for
 from edge.server import Exchange, synth_fields
 from edge.sliced import Slice, Slicing
 from edge.store import CachedObject, MemoryTier
@@ -75,9 +79,36 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         # invalidated (RFC 9111 4.4 holds for the host, not just this process).
         self.on_invalidate: Callable[[list[str]], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Domains that must pass admission (suspended, or with blocked paths), by name: empty
+        # (the hit path's only cost) without a control plane or with nothing to refuse.
+        self.gates: Mapping[str, Gate] = {}
+        self.bans = BanKeeper(self.tiers, config.edge.state_dir)
 
     async def start(self) -> None:
+        self.bans.load()
         await self.tiers.start()
+
+    def enforce(self, state: ControlState) -> None:
+        """Serve the control plane's `state` from now on: one swap of the domain table and
+        the gates, so that no request sees half of a change."""
+        self.config = replace(self.config, domains=state.serving)
+        self.gates = state.gates
+
+    def purge(self, purges: tuple[Purge, ...], version: int, *, lead: bool) -> None:
+        """Remove what `purges` name, now: every variant and slice in this process's memory
+        (and the disk's files of url purges when `lead`), no fetch in flight storing them; and
+        keep them banned until the disk holds none (`edge.purge`). Called for every change."""
+        bans = bans_for(purges, version, time.time())
+        urls = [ban.key for ban in bans if ban.kind == "url"]
+        if urls:
+            self.forget(urls, disk=lead)
+        others = BanList(ban for ban in bans if ban.kind != "url")
+        if len(others):  # one scan of memory and of the fetches for them all
+            self.tiers.memory.remove_where(lambda obj: others.banned(obj.key, obj.tags, NEVER))
+            # A fetch's tags are not known before its head: a tag purge stops the domain's.
+            prefixes = tuple(ban.key for ban in others)
+            self.invalidate_fills(lambda busy_key: busy_key.startswith(prefixes))
+        self.bans.add(bans, lead=lead)
 
     async def close(self) -> None:
         """Cancel and await every fill and background revalidation this proxy owns."""
@@ -87,6 +118,7 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.bans.close()
         await self.tiers.close()
 
     # recv (refusals from edge.server) --------------------------------------------------
@@ -100,7 +132,14 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         if domain is None:
             self.synth(ex, 404, "unknown host", "refused")
             return None
-        # admit: domain state and access rules come here (control-plane and access issues).
+        gates = self.gates
+        if gates:
+            gate = gates.get(domain.name)
+            if gate is not None:
+                refusal = gate.refusal(head.path)
+                if refusal is not None:
+                    self.synth(ex, refusal[0], refusal[1], "refused")
+                    return None
         if head.target == b"*":
             # OPTIONS * asks about the server, not a resource (RFC 9110 9.3.7): answered here.
             ex.send(200, synth_fields(0) + ALLOW_ALL, b"")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache
 
 from edge import policy
 from edge.disk import DiskEntry
@@ -23,8 +23,11 @@ OBJECT_OVERHEAD = 512
 
 # Fields we never replay from storage as-is: Age is recomputed per response (RFC 9111 5.1),
 # CDN-Cache-Control is for this cache only (RFC 9213 2.1), Content-Length is recomputed from
-# the stored body, and the origin's Via is extended.
-_NOT_REPLAYED = frozenset({"age", "cdn-cache-control", "content-length", "via"})
+# the stored body, and the origin's Via is extended. Surrogate-Key and Cache-Tag name the
+# object's purge tags (`tags_of`), meant for this cache only (as Fastly and Cloudflare do).
+_NOT_REPLAYED = frozenset(
+    {"age", "cdn-cache-control", "content-length", "via", "surrogate-key", "cache-tag"}
+)
 
 VIA = "1.1 cdn-edge"
 
@@ -38,6 +41,19 @@ def replay_block(
     if content_length is not None:
         lines.append(f"Content-Length: {content_length}\r\n")
     return "".join(lines).encode("latin-1")
+
+
+def tags_of(fields: list[tuple[str, str]]) -> str:
+    """A response's purge tags, one per line: Surrogate-Key's space-separated ones (Fastly)
+    and Cache-Tag's comma-separated ones (Cloudflare); "" when it has none."""
+    tags: list[str] = []
+    for name, value in fields:
+        lname = name.lower()
+        if lname == "surrogate-key":
+            tags.extend(value.split())
+        elif lname == "cache-tag":
+            tags.extend(t for t in (part.strip() for part in value.split(",")) if t)
+    return "\n".join(dict.fromkeys(tags))
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +72,7 @@ class CachedObject:
     initial_age: float
     forced: bool = False  # a rule overrode the origin's freshness (directives are forced)
     file: DiskEntry | None = None  # the body is in this disk-tier file, not in `body`
+    tags: str = ""  # purge tags, one per line (`tags_of`)
     out_block: bytes = b""  # prebuilt response field lines, without Age and Cache-Status
     hit_age: int = -1  # memo of the last hit head, valid for one age second
     hit_tail: bytes = b""
@@ -64,9 +81,13 @@ class CachedObject:
     # path's shortcut for RFC 9111 4.2: lifetime > current age); -inf when it must always be
     # validated.
     fresh_until: float = 0.0
+    # No ban issued up to this wall time matches the object (`edge.purge`): a lookup checks
+    # it against newer bans only, once each.
+    ban_checked: float = 0.0
 
     def __post_init__(self) -> None:
         self.build_out_block()
+        self.ban_checked = self.response_time
         self.fresh_until = (
             float("-inf")
             if self.directives.no_cache
@@ -173,7 +194,21 @@ class MemoryTier:
 
     def remove_prefixed(self, prefix: str) -> int:
         """Drop every key starting with `prefix` (an object's slices); rare: a full scan."""
-        return sum(self.remove(key) for key in [k for k in self._variants if k.startswith(prefix)])
+        return self.remove_where(lambda obj: obj.key.startswith(prefix))
+
+    def remove_where(self, doomed: Callable[[CachedObject], bool]) -> int:
+        """Drop every stored object `doomed` accepts (a purge by prefix or tag): a full scan
+        that leaves the LRU order as it was; returns how many."""
+        lru = self._lru
+        gone = [vk for vk in list(lru) if doomed(Cache.__getitem__(lru, vk))]
+        for key, values in gone:
+            del lru[(key, values)]
+            entry = self._variants.get(key)
+            if entry is not None:
+                entry[1].discard(values)
+                if not entry[1]:
+                    del self._variants[key]
+        return len(gone)
 
     def _evicted(self, obj: CachedObject) -> None:
         self.evictions += 1

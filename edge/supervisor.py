@@ -28,6 +28,17 @@ one of them is ready the old generation drains. `listen` and `admin_listen` stay
 
 A worker that dies is restarted at once; one that keeps dying young waits longer each time (up
 to BACKOFF_MAX).
+
+Control plane. With `[control]` the domains come from the control plane's feed, which a
+`ControlFollower` (edge/follow.py) holds. At start the supervisor waits up to
+`control.start_timeout` for it; when it does not answer, the edge serves the state saved in
+state_dir/control/state.json (fail-static) and keeps retrying. An edge with no saved state yet
+starts all the same, but has nothing to serve: /readyz answers 503 until the control plane first
+answers (so a load balancer sends it nothing), and then it serves without a restart. Workers get
+the current STATE in their first message, and every change after it, in order; the follower acks
+a version once every worker of the running generations answered that it applied it. Prefetch
+tasks are fetched here, through the edge's own listener, so that every worker's cache rules and
+the disk tier apply as for any client.
 """
 
 from __future__ import annotations
@@ -48,13 +59,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from yarl import URL
 
 from edge.admin import make_admin_app
-from edge.config import ConfigError, EdgeConfig, parse_config
+from edge.config import ConfigError, ControlSettings, EdgeConfig, parse_config
+from edge.follow import Change, ControlFollower, State
 from edge.metrics import (
     Snapshot,
     empty_snapshot,
@@ -73,6 +87,9 @@ STATS_TIMEOUT = 1.0  # a worker slower than this to answer is counted from its l
 HEALTHY_UPTIME = 10.0  # a worker that served this long restarts at once when it dies
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+PREFETCH_CONCURRENCY = 8  # requests one prefetch task has in flight through the listener
+PREFETCH_APPLIED_WAIT = 10.0  # a prefetch waits this long for the workers to apply what precedes
+PREFETCH_READ_TIMEOUT = 60.0
 
 
 def read_config(path: str) -> tuple[EdgeConfig, str]:
@@ -161,10 +178,10 @@ class WorkerProcess:
         proc: asyncio.subprocess.Process,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        relay: Callable[[WorkerProcess, dict[str, object]], None],
+        on_message: Callable[[WorkerProcess, dict[str, object]], None],
     ) -> None:
         self.slot = slot
-        self._relay = relay
+        self._on_message = on_message
         self.generation = generation
         self.proc = proc
         self.pid = proc.pid
@@ -173,6 +190,7 @@ class WorkerProcess:
         self.exited = False
         self.retired = False  # its counters have gone into the supervisor's retired totals
         self.last: Snapshot | None = None  # its latest stats answer (or final snapshot)
+        self.applied = 0  # the control version it enforces: given at start, then answered
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
@@ -193,9 +211,12 @@ class WorkerProcess:
                         future.set_result(cast(Snapshot, message["snapshot"]))
                 elif op == "final":
                     self.last = cast(Snapshot, message["snapshot"])
+                elif op == "applied":
+                    self.applied = int(message["version"])
+                    self._on_message(self, message)
                 elif op == "invalidate":
-                    self._relay(self, message)
-        except (ConnectionError, ValueError, KeyError) as exc:
+                    self._on_message(self, message)
+        except (ConnectionError, ValueError, KeyError, TypeError) as exc:
             log.warning("worker %d (pid %d): control socket: %r", self.slot, self.pid, exc)
         finally:
             for future in self._pending.values():
@@ -307,6 +328,8 @@ class Supervisor:
         self._drains: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self.follower: ControlFollower | None = None  # with [control]
+        self._applied_grew = asyncio.Event()  # a worker answered "applied", or one died
 
     def add_periodic(self, name: str, interval: float, job: PeriodicJob) -> None:
         """Run `job(supervisor)` every `interval` s while serving (call before `run`).
@@ -352,10 +375,13 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot listen on %s:%d (admin): %s", *edge.admin_listen, exc.strerror or exc)
             return 1
+        if self.config.control is not None:
+            await self._start_follower(self.config.control, wait=True)
         generation = await self._start_generation(self.config, self._text)
         if generation is None:
             return 0 if self._stop.is_set() else 1
         self.current = generation
+        self._applied_changed()  # the workers enforce the STATE they started with: ack it
         log.info(
             "edge serving on %s:%d with %d workers, admin on %s:%d",
             self.sockets.host, self.sockets.port, edge.workers, edge.admin_listen[0],
@@ -373,6 +399,8 @@ class Supervisor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.follower is not None:
+            await self.follower.stop()
         await asyncio.gather(
             *(self._stop_generation(g) for g in list(self._generations)),
             *self._drains,
@@ -412,14 +440,129 @@ class Supervisor:
     def ready(self) -> bool:
         """Every worker of the current generation is serving (the admin /readyz)."""
         current = self.current
-        return current is not None and not self._stop.is_set() and current.all_ready()
+        has_state = self.follower is None or self.follower.has_state
+        return current is not None and not self._stop.is_set() and current.all_ready() and has_state
 
-    def _relay(self, sender: WorkerProcess, message: dict[str, object]) -> None:
-        """A worker's invalidation goes to every other live worker (all generations)."""
+    def _from_worker(self, sender: WorkerProcess, message: dict[str, object]) -> None:
+        """A worker's invalidation goes to every other live worker (all generations); its
+        "applied" may let the follower ack."""
+        if message["op"] == "applied":
+            self._applied_changed()
+            return
         for generation in self._generations:
             for worker in generation.live():
                 if worker is not sender and worker.ready:
                     worker.send(message)
+
+    # --- the control plane --------------------------------------------------------------------
+
+    async def _start_follower(self, control: ControlSettings, *, wait: bool) -> None:
+        """Follow the control plane; `wait`: at start, up to start_timeout for its state."""
+        follower = ControlFollower(
+            control,
+            self.config.edge.state_dir,
+            on_state=self._send_state,
+            on_change=self._send_change,
+            applied=self.applied_version,
+        )
+        saved = follower.load()
+        follower.start()
+        self.follower = follower
+        if not wait:
+            return
+        if await follower.wait_ready(control.start_timeout):
+            log.info("control plane state: version %d", follower.version)
+        elif saved:
+            log.warning(
+                "control plane %s not reachable: serving the saved state version %d from %s "
+                "(fail-static) and retrying",
+                control.url, follower.version, follower.path,
+            )  # fmt: skip
+        else:
+            log.error(
+                "control plane %s not reachable and no saved state in %s: nothing to serve "
+                "(/readyz 503) until it answers; retrying",
+                control.url, follower.path,
+            )  # fmt: skip
+
+    def _targets(self) -> list[WorkerProcess]:
+        """The workers that must enforce the control state: every live worker of the running
+        (and starting) generations, not those draining."""
+        return [w for g in self._generations if not g.stopping for w in g.live()]
+
+    def _send_state(self, state: State) -> None:
+        for worker in self._targets():
+            worker.send({"op": "state", "state": state})
+
+    def _send_change(self, change: Change) -> None:
+        """To every worker, in order; exactly one of them is told to do the host-wide part."""
+        targets = self._targets()
+        for worker in targets:
+            worker.send({"op": "change", **change, "lead": worker is targets[0]})
+        if change["kind"] == "prefetch":
+            self._own(self._tasks, self._prefetch(change), f"prefetch-{change['version']}")
+
+    def applied_version(self) -> int:
+        """The newest control version every worker enforces (0 before any worker started)."""
+        if self.follower is None or self.current is None:
+            return 0
+        return min((w.applied for w in self._targets()), default=self.follower.version)
+
+    def _applied_changed(self) -> None:
+        self._applied_grew.set()
+        if self.follower is not None:
+            self.follower.poke()
+
+    async def _until_applied(self, version: int) -> None:
+        while self.applied_version() < version:
+            self._applied_grew.clear()
+            await self._applied_grew.wait()
+
+    async def _prefetch(self, change: Change) -> None:
+        """GET each URL of a prefetch task through this edge's own listener (the domain's Host,
+        the body read to the end), then report the task's result to the control plane."""
+        try:
+            async with asyncio.timeout(PREFETCH_APPLIED_WAIT):
+                await self._until_applied(change["version"] - 1)
+        except TimeoutError:
+            log.warning("prefetch %d: workers slow to apply earlier changes", change["version"])
+        payload = change["payload"]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.sockets.host, self.sockets.host)
+        base = f"http://{f'[{host}]' if ':' in host else host}:{self.sockets.port}"
+        limit = asyncio.Semaphore(PREFETCH_CONCURRENCY)
+        failed: list[str] = []
+
+        async def fetch(session: aiohttp.ClientSession, domain: str, target: str) -> None:
+            async with limit:
+                try:
+                    async with session.get(
+                        URL(base + target, encoded=True),
+                        headers={"Host": domain},
+                        allow_redirects=False,
+                    ) as resp:
+                        async for _ in resp.content.iter_chunked(2**16):
+                            pass
+                        if resp.status < 400:
+                            return
+                except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                    pass
+            failed.append(f"http://{domain}{target}")
+
+        items = payload["items"]
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept-Encoding",),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=5.0, sock_read=PREFETCH_READ_TIMEOUT
+            ),
+        ) as session:
+            await asyncio.gather(
+                *(fetch(session, str(i["domain"]), str(i["value"])) for i in items)
+            )
+        result = {"fetched": len(items) - len(failed), "failed": failed}
+        log.info("prefetch task %s: %d fetched, %d failed", payload["task"], *result.values())
+        if self.follower is not None:
+            await self.follower.report(f"/v1/edge/tasks/{payload['task']}/result", result)
 
     # --- generations and workers --------------------------------------------------------------
 
@@ -461,11 +604,11 @@ class Supervisor:
                 quick_deaths += 1
                 what = f"worker {slot} could not be started ({exc})"
             else:
-                generation.workers[slot] = worker
                 if generation.stopping:  # began while the process was being started
                     worker.signal(signal.SIGTERM)
                 code = await worker.wait()
                 self._retire(worker)
+                self._applied_changed()
                 if generation.stopping:
                     log.info(
                         "worker %d (pid %d) of generation %d %s",
@@ -509,16 +652,19 @@ class Supervisor:
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=CONTROL_LINE_LIMIT)
-        worker = WorkerProcess(slot, generation, proc, reader, writer, self._relay)
-        send_message(
-            writer,
-            {
-                "op": "config",
-                "source": generation.config.source,
-                "text": generation.text,
-                "grace": self.drain_timeout,
-            },
-        )
+        worker = WorkerProcess(slot, generation, proc, reader, writer, self._from_worker)
+        hello: dict[str, object] = {
+            "op": "config",
+            "source": generation.config.source,
+            "text": generation.text,
+            "grace": self.drain_timeout,
+        }
+        if self.follower is not None:
+            hello["control"] = self.follower.state
+            worker.applied = self.follower.version
+        send_message(writer, hello)
+        # Registered in the same step as its STATE is sent: every later change reaches it.
+        generation.workers[slot] = worker
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         return worker
@@ -575,6 +721,10 @@ class Supervisor:
             self.reloads["refused"] += 1
             log.error("reload refused, keeping the running config: %s", exc)
             return
+        if (config.control is None) != (self.config.control is None):
+            self.reloads["refused"] += 1
+            log.error("reload refused: adding or removing [control] needs a restart")
+            return
         old_edge = self.config.edge
         for key in ("listen", "admin_listen"):
             before, after = getattr(old_edge, key), getattr(config.edge, key)
@@ -593,8 +743,14 @@ class Supervisor:
             self.reloads["failed"] += 1
             log.error("reload failed, keeping the running config")
             return
+        old_control = self.config.control
         old, self.current, self.config = self.current, generation, config
         self.reloads["applied"] += 1
+        if self.follower is not None and config.control != old_control:
+            assert config.control is not None
+            log.info("reload: [control] changed, reconnecting to %s", config.control.url)
+            await self.follower.stop()
+            await self._start_follower(config.control, wait=False)
         # Fewer workers now: the old workers of the slots that go away hold those sockets alone
         # and close them when they stop accepting, so nothing queues where nobody will accept.
         for slot in self.sockets.slots():
@@ -687,6 +843,24 @@ class SupervisorCollector(Collector):
             "cdn_edge_worker_stats_timeouts",
             "Scrapes in which a worker did not answer in time (its previous answer was used)",
             value=sup.stats_timeouts,
+        )
+        follower = sup.follower
+        if follower is None:
+            return
+        yield GaugeMetricFamily(
+            "cdn_edge_config_version",
+            "Version of the control plane's state that every worker enforces",
+            value=sup.applied_version(),
+        )
+        yield GaugeMetricFamily(
+            "cdn_edge_control_contact_age_seconds",
+            "Seconds since the control plane last sent anything, heartbeats included (since "
+            "the edge started, if it never did)",
+            value=follower.contact_age(),
+        )
+        yield GaugeMetricFamily(
+            "cdn_edge_control_connected", "1 while the edge holds the control plane's feed",
+            value=int(follower.connected),
         )
 
 

@@ -7,6 +7,7 @@
   it, and every worker on the host finds it); responses up to `memory_max_object` are also
   kept in memory.
 - remove: a key's every variant in both tiers (invalidation, purge).
+- bans (`edge.purge`): an object a ban issued after it matches is absent, and removed.
 
 Only storage mechanics live here; what may be stored and for how long is `edge.policy` and
 `edge.request`.
@@ -33,6 +34,7 @@ from edge.disk import (
     ObjectMeta,
     object_id,
 )
+from edge.purge import TAGS, BanList
 from edge.slices import SLICE_MARK
 from edge.store import CachedObject, MemoryTier, forced_directives
 
@@ -62,6 +64,7 @@ def object_meta(obj: CachedObject) -> ObjectMeta:
         initial_age=obj.initial_age,
         lifetime=obj.lifetime,
         forced=obj.forced,
+        extra={TAGS: obj.tags} if obj.tags else {},
     )
 
 
@@ -83,6 +86,7 @@ def object_from_meta(meta: ObjectMeta, body: bytes, file: DiskEntry | None) -> C
         initial_age=meta.initial_age,
         forced=meta.forced,
         file=file,
+        tags=meta.extra.get(TAGS, ""),
     )
 
 
@@ -94,6 +98,7 @@ class Tiers:
             DiskStore(Path(state_dir) / "cache", settings.disk) if settings.disk else None
         )
         self._rebuild: asyncio.Task[None] | None = None
+        self.bans = BanList()  # replaced whole by `edge.purge.BanKeeper`
 
     async def start(self) -> None:
         """Rebuild the disk index in the background; misses are served meanwhile."""
@@ -115,18 +120,38 @@ class Tiers:
         A returned object with `file` set holds an open descriptor: the caller closes it.
         """
         obj, why = self.memory.lookup(key, request)
-        if obj is not None or self.disk is None:
-            return obj, why
-        entry = self.disk.lookup(disk_id(key))
+        if obj is not None:
+            if obj.ban_checked >= self.bans.newest or not self._banned(obj):
+                return obj, why
+            why = "uri-miss"
+        if self.disk is None:
+            return None, why
+        oid = disk_id(key)
+        entry = self.disk.lookup(oid)
         if entry is None:
             return None, why
         if entry.meta.extra.get(VARY_STUB):
             values = policy.vary_values(tuple(entry.meta.vary_names), request)
             entry.close()
-            entry = self.disk.lookup(disk_id(key, values))
+            oid = disk_id(key, values)
+            entry = self.disk.lookup(oid)
             if entry is None:
                 return None, "vary-miss"
+        if entry.meta.response_time < self.bans.newest and self.bans.banned_meta(entry.meta):
+            entry.close()
+            self.disk.remove(oid)
+            return None, "uri-miss"
         return self._from_disk(entry), ""
+
+    def _banned(self, obj: CachedObject) -> bool:
+        """A memory object older than the newest ban: removed if a ban matches, else marked
+        checked, so that each ban costs it one check."""
+        bans = self.bans
+        if bans.banned(obj.key, obj.tags, obj.ban_checked):
+            self.memory.remove(obj.key)
+            return True
+        obj.ban_checked = bans.newest
+        return False
 
     def _from_disk(self, entry: DiskEntry) -> CachedObject:
         if entry.body_length > self.settings.memory_max_object:
@@ -243,6 +268,17 @@ class Tiers:
         return self.disk.follow(disk_id(key, values))
 
     # remove --------------------------------------------------------------------------
+    def forget(self, keys: set[str], *, disk: bool) -> None:
+        """Every variant and slice of `keys`: from this process's memory, and from the disk
+        when `disk`; one scan of memory for the slices however many keys."""
+        for key in keys:
+            self.memory.remove(key)
+            if disk and self.disk is not None:
+                self.disk.remove_key(key)
+        self.memory.remove_where(
+            lambda obj: SLICE_MARK in obj.key and obj.key.partition(SLICE_MARK)[0] in keys
+        )
+
     def remove(self, key: str) -> None:
         """Every variant and slice of `key`, in both tiers (this process's memory only)."""
         self.memory.remove(key)

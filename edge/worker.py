@@ -9,6 +9,10 @@ Two ways to run it:
 - as a worker process of the supervisor (`python -m edge.worker`, started by
   edge/supervisor.py): it inherits its listening socket and a control socket, serves no admin
   listener, and answers the supervisor's stats requests over the control socket instead.
+
+Domains come from the config file's `[[domains]]`, or, with `control_state` (the control
+plane's STATE, control/README.md), from the control plane: then each change and each new
+STATE the supervisor relays is enforced at once (`apply_change`, `replace_state`).
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from edge import controlstate
 from edge.admin import make_admin_app
 from edge.config import EdgeConfig, parse_config
+from edge.controlstate import Applied, ControlState
 from edge.fetch import OriginClient
 from edge.metrics import EdgeStats, Snapshot, StatsCollector, worker_snapshot
 from edge.request import EdgeProxy
@@ -66,12 +74,14 @@ class EdgeWorker:
         admin: bool = True,
         sock: socket.socket | None = None,
         accept_settle: float = 0.0,
+        control_state: Mapping[str, Any] | None = None,
     ) -> None:
         """`admin`: serve `admin_listen` here (False under the supervisor, which serves it).
 
         `sock`: an already listening socket to serve (the supervisor's); None binds `listen`.
         `accept_settle`: see ACCEPT_SETTLE; worth it only where another process keeps
         accepting on the same socket, so 0 in-process.
+        `control_state`: the control plane's STATE; its domains replace the config's.
         """
         self.config = config
         self.stats = EdgeStats()
@@ -94,9 +104,44 @@ class EdgeWorker:
         self._ready = False
         self.port = 0
         self.admin_port = 0
+        self.control: ControlState | None = None
+        self.lead = False  # the last change named this worker the one doing host-wide work
+        if control_state is not None:
+            self._enforce(controlstate.parse_state(control_state), initial=True)
+
+    @property
+    def config_version(self) -> int:
+        """The control plane's version this worker enforces; 0 without a control plane."""
+        return self.control.version if self.control is not None else 0
+
+    def apply_change(
+        self, version: int, kind: str, payload: Mapping[str, Any], lead: bool
+    ) -> None:
+        """Enforce one change of the feed (`{"op": "change"}`); an old version is a no-op.
+        `lead`: this worker also does the host-wide part (purged objects on disk)."""
+        if self.control is None:
+            log.warning("change %d ignored: this edge has no control plane", version)
+            return
+        self.lead = lead
+        self._enforce(controlstate.apply(self.control, version, kind, payload))
+
+    def replace_state(self, state: Mapping[str, Any]) -> None:
+        """Enforce a whole new STATE (`{"op": "state"}`, after the feed sent a snapshot)."""
+        self._enforce(controlstate.apply_snapshot(self.control or controlstate.EMPTY, state))
+
+    def _enforce(self, applied: Applied, *, initial: bool = False) -> None:
+        for problem in applied.problems:
+            log.warning("control plane: %s", problem)
+        self.control = applied.state
+        self.proxy.enforce(applied.state)
+        if not initial:  # the first STATE purges nothing; its bans are loaded at start
+            self.proxy.purge(applied.purges, applied.state.version, lead=self.lead)
 
     def snapshot(self) -> Snapshot:
-        return worker_snapshot(self.stats, self.proxy.tiers)
+        snap = worker_snapshot(self.stats, self.proxy.tiers)
+        if self.control is not None:
+            snap["gauges"]["config_version"] = self.control.version
+        return snap
 
     async def start(self) -> None:
         await self.origin.start()
@@ -154,6 +199,11 @@ class EdgeWorker:
 #   worker -> supervisor, after draining: {"op": "final", "snapshot": {...}}
 #   worker -> supervisor, after a write invalidated keys: {"op": "invalidate", "keys": [...]}
 #   supervisor -> every other worker: the same message (they drop their memory copies)
+#   with a control plane (control/README.md "The edge's side"):
+#   in the first line, "control": STATE (absent without one);
+#   supervisor -> worker: {"op": "change", "version": V, "kind": K, "payload": P, "lead": bool}
+#   supervisor -> worker: {"op": "state", "state": STATE} (a snapshot replaced the whole state)
+#   worker -> supervisor, once it enforces either: {"op": "applied", "version": V}
 # SIGTERM, or end of file on the control socket (the supervisor is gone), drains and exits.
 
 
@@ -168,7 +218,7 @@ async def _answer_control(
     worker: EdgeWorker,
     stop: asyncio.Event,
 ) -> None:
-    """Answer stats requests until the supervisor closes the socket (which also means: stop)."""
+    """Answer the supervisor's messages until it closes the socket (which also means: stop)."""
     try:
         while line := await reader.readline():
             message = json.loads(line)
@@ -178,6 +228,17 @@ async def _answer_control(
                 await writer.drain()
             elif message.get("op") == "invalidate":
                 worker.proxy.forget([str(k) for k in message["keys"]], disk=False)
+            elif message.get("op") == "change":
+                worker.apply_change(
+                    int(message["version"]), str(message["kind"]), message["payload"],
+                    bool(message.get("lead")),
+                )
+                send_message(writer, {"op": "applied", "version": int(message["version"])})
+                await writer.drain()
+            elif message.get("op") == "state":
+                worker.replace_state(message["state"])
+                send_message(writer, {"op": "applied", "version": worker.config_version})
+                await writer.drain()
             else:
                 log.warning("unknown control message %.100r", line)
     except ConnectionError:
@@ -201,6 +262,7 @@ async def run_worker_process(control_fd: int, listen_fd: int) -> None:
         admin=False,
         sock=socket.socket(fileno=listen_fd),
         accept_settle=ACCEPT_SETTLE,
+        control_state=hello.get("control"),
     )
     worker.proxy.on_invalidate = lambda keys: send_message(
         writer, {"op": "invalidate", "keys": keys}

@@ -14,6 +14,7 @@ from edge.config import (
     CacheRule,
     CacheSettings,
     ConfigError,
+    ControlSettings,
     DomainConfig,
     EdgeConfig,
     EdgeSettings,
@@ -273,7 +274,7 @@ def test_config_error_parts_and_single_line() -> None:
     [
         (
             "colour = 1\n" + MINIMAL_DOMAIN,
-            "cfg.toml: colour: unknown key (expected one of edge, cache, origin, domains)",
+            "cfg.toml: colour: unknown key (expected one of edge, cache, origin, domains, control)",
         ),
         ("[edges]\n" + MINIMAL_DOMAIN, "cfg.toml: edges: unknown key (did you mean 'edge'?)"),
         (
@@ -303,7 +304,8 @@ def test_config_error_parts_and_single_line() -> None:
         ),
         (
             '"odd key\\n" = 1\n' + MINIMAL_DOMAIN,
-            'cfg.toml: "odd key\\n": unknown key (expected one of edge, cache, origin, domains)',
+            'cfg.toml: "odd key\\n": unknown key '
+            "(expected one of edge, cache, origin, domains, control)",
         ),
     ],
 )
@@ -920,3 +922,95 @@ def test_domain_for_host_ip_literal() -> None:
     config = parse(MINIMAL_DOMAIN.replace("a.test", "127.0.0.1"))
     assert config.domain_for_host("127.0.0.1:8080") is config.domains["127.0.0.1"]
     assert config.domain_for_host("[::1]:8080") is None
+
+
+# --- [control] ------------------------------------------------------------------------------
+
+CONTROL = """
+[control]
+url = "HTTPS://Control.Example.NET:9000/cdn/"
+token = "cdn_edge_abc"
+"""
+
+
+def test_control_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CDN_EDGE_TOKEN", raising=False)
+    config = parse(CONTROL)
+    assert config.domains == {}
+    assert config.control == ControlSettings(
+        url="https://control.example.net:9000/cdn", token="cdn_edge_abc"
+    )
+    assert (config.control.read_timeout, config.control.start_timeout) == (45.0, 2.0)
+    timed = parse(CONTROL + "read_timeout = 5\nstart_timeout = 0.5\n").control
+    assert timed is not None and (timed.read_timeout, timed.start_timeout) == (5.0, 0.5)
+    assert parse(MINIMAL_DOMAIN).control is None
+
+
+def test_control_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CDN_EDGE_TOKEN", "cdn_edge_env")
+    config = parse("[control]\nurl = 'http://127.0.0.1:9000'\n")
+    assert config.control is not None and config.control.token == "cdn_edge_env"
+    # The file's token wins over the environment.
+    config = parse(CONTROL)
+    assert config.control is not None and config.control.token == "cdn_edge_abc"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            CONTROL + MINIMAL_DOMAIN,
+            "domains: must be empty with [control]: the domains come from the control plane",
+        ),
+        ("[control]\ntoken = 'cdn_edge_abc'\n", "control.url: is required"),
+        (
+            "[control]\nurl = 'http://c.test'\n",
+            "control.token: is required with control.url (or set CDN_EDGE_TOKEN)",
+        ),
+        (
+            "[control]\nurl = 'http://c.test'\ntoken = ''\n",
+            "control.token: is required with control.url (or set CDN_EDGE_TOKEN)",
+        ),
+        ("[control]\nurl = 'http://c.test'\ntoken = 12345\n", "control.token: expected a string"),
+        (
+            "[control]\nurl = 'http://c.test'\ntoken = 'abc def'\n",
+            "control.token: must be printable ASCII without spaces",
+        ),
+        (CONTROL + "tokn = 'x'\n", "control.tokn: unknown key (did you mean 'token'?)"),
+        (
+            CONTROL + "read_timeout = 0\n",
+            "control.read_timeout: 0 is not a positive number of seconds",
+        ),
+        (
+            "[control]\nurl = 'ftp://c.test'\ntoken = 'cdn_edge_abc'\n",
+            "control.url: 'ftp://c.test' is not an http:// or https:// URL",
+        ),
+        (
+            "[control]\nurl = 'http://c.test/?x'\ntoken = 'cdn_edge_abc'\n",
+            "control.url: 'http://c.test/?x' must not contain whitespace, a query or a fragment",
+        ),
+        ("control = 1\n", "control: expected a table, got integer 1"),
+    ],
+)
+def test_bad_control(text: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CDN_EDGE_TOKEN", raising=False)
+    assert config_error(text) == f"cfg.toml: {expected}"
+
+
+def test_control_errors_never_show_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CDN_EDGE_TOKEN", raising=False)
+    for text in (
+        "[control]\nurl = 'http://cdn_edge_s3cret@c.test'\ntoken = 'x'\n",
+        "[control]\nurl = 'http://user:cdn_edge_s3cret@c.test'\n",
+        '[control]\nurl = "http://c.test"\ntoken = "cdn_edge_s3cret\\n"\n',
+        "[control]\nurl = 'http://c.test'\ntoken = ['cdn_edge_s3cret']\n",
+    ):
+        assert "s3cret" not in config_error(text)
+
+
+def test_example_config_documents_control() -> None:
+    text = (CONFIGS / "edge.example.toml").read_text()
+    assert "# [control]" in text
+    documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, re.MULTILINE))
+    assert {f.name for f in dataclasses.fields(ControlSettings)} <= documented
+    assert "CDN_EDGE_TOKEN" in text

@@ -1,0 +1,503 @@
+"""The edge's side of the control plane's change feed (control/README.md, "The edge's side").
+
+The supervisor owns one `ControlFollower`. It holds `GET /v1/edge/events?since=V`, applies each
+snapshot and change to its STATE strictly in version order, keeps STATE on disk
+(state_dir/control/state.json, replaced atomically, so that an edge restarted while the control
+plane is down serves what it had: fail-static), hands every event to the supervisor (which
+sends it to the workers), and acks the newest version that is both on disk and applied by every
+worker. Any trouble (refused token, a gap in the versions, silence past `read_timeout`) drops
+the connection, and the follower reconnects with `since` = its version after a jittered,
+capped backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from edge.config import ControlSettings
+
+log = logging.getLogger("edge.follow")
+
+State = dict[str, Any]  # {"version": V, "domains": [DOMAIN...], "blocks": [BLOCK...]}
+Change = dict[str, Any]  # {"version": V, "kind": K, "payload": P}
+
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+CONNECT_TIMEOUT = 5.0
+POST_TIMEOUT = 10.0
+# A STATE travels to each worker as one control-socket line (edge.worker.CONTROL_LINE_LIMIT).
+MAX_EVENT_BYTES = 2**26
+
+
+def empty_state() -> State:
+    return {"version": 0, "domains": [], "blocks": []}
+
+
+class ProtocolError(Exception):
+    """The control plane said something the edge cannot follow; the feed is reconnected."""
+
+
+class Refused(ProtocolError):
+    """401/403 on the feed: the token is wrong or revoked (the message never contains it)."""
+
+
+class HttpStatusError(ProtocolError):
+    """A POST the control plane answered with other than 2xx."""
+
+    def __init__(self, status: int, path: str) -> None:
+        super().__init__(f"HTTP {status} from POST {path}")
+        self.status = status
+
+    @property
+    def final(self) -> bool:
+        """A 4xx other than 408 and 429: sending the same request again would not help."""
+        return 400 <= self.status < 500 and self.status not in (408, 429)
+
+
+# --- server-sent events -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    event: str
+    id: str
+    data: str
+
+
+class SseParser:
+    """Server-sent events (HTML Living Standard 9.2) from bytes as they arrive.
+
+    Lines end in LF or CRLF; comment lines (":" first, the heartbeats) and unknown fields are
+    skipped; an event without data is not dispatched. An event larger than `limit` bytes is a
+    ProtocolError, so a broken control plane cannot make the edge buffer without bound.
+    """
+
+    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
+        self._limit = limit
+        self._buffer = bytearray()
+        self._scanned = 0  # the buffer holds no LF before this offset
+        self._event = ""
+        self._id = ""
+        self._data: list[str] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        self._buffer += chunk
+        events: list[SseEvent] = []
+        start = 0
+        while (end := self._buffer.find(b"\n", max(start, self._scanned))) >= 0:
+            line = bytes(self._buffer[start:end]).removesuffix(b"\r")
+            start = end + 1
+            try:
+                event = self._line(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise ProtocolError(f"the feed is not UTF-8: {exc}") from None
+            if event is not None:
+                events.append(event)
+        del self._buffer[:start]
+        self._scanned = len(self._buffer)
+        if self._size + len(self._buffer) > self._limit:
+            raise ProtocolError(f"an event larger than {self._limit} bytes")
+        return events
+
+    def _line(self, line: str) -> SseEvent | None:
+        if not line:
+            event = None
+            if self._data:
+                event = SseEvent(self._event or "message", self._id, "\n".join(self._data))
+            self._event, self._data, self._size = "", [], 0
+            return event
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+            self._size += len(value) + 1
+        elif name == "id":
+            self._id = value
+        return None
+
+
+# --- STATE ------------------------------------------------------------------------------------
+
+
+def apply_change(state: State, kind: str, payload: dict[str, Any]) -> None:
+    """Bring STATE forward by one change (README, "Changes"); purge and prefetch change nothing
+    in it. KeyError or TypeError on a malformed payload."""
+    domains: list[dict[str, Any]] = state["domains"]
+    blocks: list[dict[str, Any]] = state["blocks"]
+    if kind == "domain.upsert":
+        domain = payload["domain"]
+        _put(domains, domain, lambda d: d["name"] == domain["name"])
+    elif kind == "domain.delete":
+        name = payload["name"]
+        domains[:] = [d for d in domains if d["name"] != name]
+    elif kind == "domain.state":
+        name, new_state, reason = payload["name"], payload["state"], payload.get("reason", "")
+        for domain in domains:
+            if domain["name"] == name:
+                domain["state"], domain["reason"] = new_state, reason
+    elif kind in ("block", "unblock"):
+        key = (payload["domain"], payload["pattern"])
+        blocks[:] = [b for b in blocks if (b["domain"], b["pattern"]) != key]
+        if kind == "block":
+            blocks.append({"domain": key[0], "pattern": key[1], "reason": payload["reason"]})
+
+
+def _put(items: list[dict[str, Any]], item: dict[str, Any], same: Callable[[Any], bool]) -> None:
+    """Replace the entry `same` matches in place, or append."""
+    for index, existing in enumerate(items):
+        if same(existing):
+            items[index] = item
+            return
+    items.append(item)
+
+
+def check_state(state: object) -> State:
+    """`state` if it has STATE's shape, else ValueError."""
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("version"), int)
+        or state["version"] < 0
+        or not isinstance(state.get("domains"), list)
+        or not isinstance(state.get("blocks"), list)
+    ):
+        raise ValueError("not a STATE object (version, domains, blocks)")
+    return state
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` so that a crash at any moment leaves the old file or the new one:
+    a temp file in the same directory, fsync, rename over, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_state(path: Path) -> State | None:
+    """The STATE saved at `path`; None when there is none or it is unusable (logged)."""
+    try:
+        return check_state(json.loads(path.read_bytes()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the saved control state %s: %s", path, exc)
+        return None
+
+
+# --- the follower -----------------------------------------------------------------------------
+
+
+def jittered(delay: float) -> float:
+    """A backoff delay spread over [delay/2, delay], so edges do not reconnect in lockstep."""
+    return random.uniform(delay / 2, delay)
+
+
+class ControlFollower:
+    """Follows the feed into STATE, saves it, and acks what every worker applied.
+
+    `on_state(STATE)` is called after a snapshot replaced the whole state, `on_change(CHANGE)`
+    after each change was applied to it, both before the version is saved (the supervisor sends
+    them on; the ack waits for the file). `applied()` is the newest version every worker
+    enforces; call `poke()` whenever it may have grown.
+    """
+
+    def __init__(
+        self,
+        settings: ControlSettings,
+        state_dir: str | os.PathLike[str],
+        *,
+        on_state: Callable[[State], None],
+        on_change: Callable[[Change], None],
+        applied: Callable[[], int],
+    ) -> None:
+        self.settings = settings
+        self.path = Path(state_dir) / "control" / "state.json"
+        self.state: State = empty_state()
+        self.has_state = False  # from the file or a snapshot; empty_state() is not one
+        self.connected = False
+        self.persisted = -1  # the version on disk
+        self.acked = 0
+        self._on_state = on_state
+        self._on_change = on_change
+        self._applied = applied
+        self._last_contact = time.monotonic()
+        self._edits = 0  # events applied to STATE; the writer saves when it is ahead of _saved
+        self._saved = 0
+        self._has_state = asyncio.Event()
+        self._connected_once = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._ack_wanted = asyncio.Event()
+        self._closing = False
+        self._problem = ""  # the last connection problem logged (each is logged once)
+        self._heard = False
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def version(self) -> int:
+        return int(self.state["version"])
+
+    def contact_age(self) -> float:
+        """Seconds since the control plane last sent anything (a heartbeat counts), or since
+        the follower was made if it never did."""
+        return time.monotonic() - self._last_contact
+
+    def load(self) -> bool:
+        """Take the saved STATE, if there is one (before `start`)."""
+        state = load_state(self.path)
+        if state is None:
+            return False
+        self.state, self.has_state, self.persisted = state, True, state["version"]
+        self._has_state.set()
+        return True
+
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "start() first"
+        return self._session
+
+    def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"Authorization": f"Bearer {self.settings.token}"},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+        )
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="control-feed"),
+            asyncio.create_task(self._ack(), name="control-ack"),
+        ]
+        self._writer = asyncio.create_task(self._write(), name="control-state-writer")
+
+    async def stop(self) -> None:
+        """Stop following; STATE as last applied is on disk when this returns."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._writer is not None:
+            self._closing = True
+            self._dirty.set()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        self.connected = False
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the control plane; whether the feed answered."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._connected_once.wait()
+                await self._has_state.wait()
+        return self._connected_once.is_set() and self.has_state
+
+    def poke(self) -> None:
+        """What every worker applied may have grown: ack if there is something new."""
+        self._ack_wanted.set()
+
+    # --- feed ---------------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            self._heard = False
+            try:
+                await self._follow_once()
+            except Refused as exc:
+                self._report(str(exc), logging.ERROR)
+            except ProtocolError as exc:
+                self._report(f"dropped the feed: {exc}", logging.WARNING)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self._report(f"unreachable ({_describe(exc)})", logging.WARNING)
+            except Exception:  # a bug must not end following: fail-static, and keep trying
+                log.exception("following the control plane failed")
+                self._problem = ""
+            finally:
+                self.connected = False
+            if self._heard:
+                delay = BACKOFF_FIRST
+            await asyncio.sleep(jittered(delay))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _follow_once(self) -> None:
+        """One connection, until it fails (it always ends by raising). Sets `_heard` once the
+        control plane sent something on it, which starts the backoff over."""
+        url = f"{self.settings.url}/v1/edge/events"
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=self.settings.read_timeout
+        )
+        try:
+            async with self.session().get(
+                url, params={"since": str(self.version)}, timeout=timeout, allow_redirects=False
+            ) as resp:
+                if resp.status in (401, 403):
+                    raise Refused(
+                        f"the control plane refused this edge's token (HTTP {resp.status}); "
+                        "check [control] token or CDN_EDGE_TOKEN"
+                    )
+                if resp.status != 200:
+                    raise ProtocolError(f"HTTP {resp.status} from {url}")
+                self._contact()
+                self.connected = True
+                self._connected_once.set()
+                log.info("following the control plane at %s from version %d", url, self.version)
+                self._problem = ""
+                parser = SseParser()
+                async for chunk in resp.content.iter_any():
+                    self._contact()
+                    self._heard = True
+                    for event in parser.feed(chunk):
+                        self._handle(event)
+                raise ProtocolError("the control plane closed the feed")
+        except aiohttp.ServerTimeoutError:
+            raise ProtocolError(
+                f"nothing heard for {self.settings.read_timeout:g}s, not even a heartbeat"
+            ) from None
+
+    def _contact(self) -> None:
+        self._last_contact = time.monotonic()
+
+    def _report(self, problem: str, level: int) -> None:
+        if problem != self._problem:
+            log.log(level, "control plane %s: %s", self.settings.url, problem)
+            self._problem = problem
+
+    def _handle(self, event: SseEvent) -> None:
+        """Apply one event to STATE, in order, and pass it on."""
+        try:
+            if event.event == "snapshot":
+                state = check_state(json.loads(event.data))
+                self.state, self.has_state = state, True
+                # A restored control plane may go back: its version is then acked anew.
+                self.acked = min(self.acked, state["version"] - 1)
+                self._edited()
+                self._has_state.set()
+                self._on_state(state)
+            elif event.event == "change":
+                change = json.loads(event.data)
+                version = change["version"]
+                current = self.version
+                if not isinstance(version, int) or version <= current:
+                    return  # already applied (a replay after a reconnect)
+                if version != current + 1:
+                    raise ProtocolError(f"change {version} follows version {current}")
+                apply_change(self.state, change["kind"], change["payload"])
+                self.state["version"] = version
+                self._edited()
+                self._on_change(change)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed {event.event} event: {exc!r}") from None
+
+    # --- saving and acking --------------------------------------------------------------------
+
+    def _edited(self) -> None:
+        self._edits += 1
+        self._dirty.set()
+
+    async def _write(self) -> None:
+        """Save STATE whenever it changed; a burst of changes during one write costs one more
+        write, not one each. Never cancelled: `stop` lets it save the last version and end."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if self._edits != self._saved:
+                edits, version = self._edits, self.version
+                data = json.dumps(self.state, separators=(",", ":")).encode()
+                try:
+                    await asyncio.to_thread(write_atomically, self.path, data)
+                except OSError as exc:
+                    log.error("cannot save the control state to %s: %s", self.path, exc)
+                    if not self._closing:
+                        await asyncio.sleep(1.0)
+                        self._dirty.set()
+                else:
+                    self._saved, self.persisted = edits, version
+                    self.poke()
+            if self._closing:
+                return
+
+    async def _ack(self) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            version = min(self.persisted, self._applied())
+            if version <= self.acked:
+                continue
+            try:
+                await self.post("/v1/edge/ack", {"version": version})
+            except (aiohttp.ClientError, OSError, TimeoutError, ProtocolError) as exc:
+                if isinstance(exc, HttpStatusError) and exc.final:
+                    # Repeating it would change nothing; the next version's ack may fare better.
+                    log.error("the control plane refused ack %d: %s", version, exc)
+                    continue
+                log.debug("ack %d failed (%s); retrying", version, _describe(exc))
+                await asyncio.sleep(jittered(delay))
+                delay = min(delay * 2, BACKOFF_MAX)
+                self._ack_wanted.set()
+            else:
+                self.acked, delay = version, BACKOFF_FIRST
+
+    async def post(self, path: str, body: dict[str, Any]) -> None:
+        """POST JSON to the control plane; ProtocolError unless it answers 2xx."""
+        async with self.session().post(
+            f"{self.settings.url}{path}",
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT),
+            allow_redirects=False,
+        ) as resp:
+            await resp.read()
+            if resp.status >= 300:
+                raise HttpStatusError(resp.status, path)
+
+    async def report(self, path: str, body: dict[str, Any]) -> None:
+        """POST until the control plane takes it (it may be down for a while); a refusal
+        (4xx) is logged and dropped, as repeating it would change nothing."""
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self.post(path, body)
+                return
+            except HttpStatusError as exc:
+                if exc.final:
+                    log.error("the control plane refused POST %s: %s", path, exc)
+                    return
+                problem = str(exc)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                problem = _describe(exc)
+            log.debug("POST %s failed (%s); retrying", path, problem)
+            await asyncio.sleep(jittered(delay))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for a client error; aiohttp's own texts carry no headers (no token)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
