@@ -2265,7 +2265,20 @@ def write_results(
         *(f"- FAILED: {f}" for f in failures),
         "",
     ]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + kept_sections(path))
+
+
+def kept_sections(path: Path) -> str:
+    """Sections other benchmarks (propagation.py) wrote into the results file: kept as they are."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    start = text.find("<!-- propagation:")
+    end = text.find("<!-- /propagation -->")
+    if start < 0 or end < start:
+        return ""
+    return "\n" + text[start : end + len("<!-- /propagation -->")] + "\n"
 
 
 # --------------------------------------------------------------------------------------------

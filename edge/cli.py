@@ -11,7 +11,6 @@ import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from edge.config import ConfigError, EdgeConfig, load_config
 
@@ -88,52 +87,19 @@ async def _origin_main(host: str, port: int, directory: Path) -> None:
         await runner.cleanup()
 
 
-async def _demo_main(config: EdgeConfig) -> None:
-    """The demo runs one in-process worker, whatever `workers` says: it is for trying out."""
-    from edge.sample_origin import ensure_sample_files, serve_origin
-    from edge.worker import EdgeWorker
+def _demo(config: EdgeConfig, control_listen: tuple[str, int], loop_name: str) -> int:
+    from edge.demo import DemoError, run_demo
 
-    domain = next(iter(config.domains.values()))
-    origin = urlsplit(domain.origins[0])
-    directory = Path(config.edge.state_dir).parent / "origin"
-    print(f"preparing sample files in {directory} ...", flush=True)
-    ensure_sample_files(directory)
-    runner = await serve_origin(origin.hostname or "127.0.0.1", origin.port or 80, directory)
-    worker = EdgeWorker(config)
     try:
-        await worker.start()
-        host = config.edge.listen[0]
-        edge = f"http://{host}:{worker.port}"
-        admin = f"http://{config.edge.admin_listen[0]}:{worker.admin_port}"
-        name = domain.name
-        print(
-            f"""
-cdn-edge demo is up.
-  sample origin  {domain.origins[0]}
-  edge           {edge}   (serves Host: {name})
-  admin          {admin}/metrics  /healthz  /readyz
-
-Try:
-  curl -sI -H 'Host: {name}' {edge}/img/logo.png          # twice: Cache-Status turns to hit
-  curl -s  -H 'Host: {name}' {edge}/index.html | head -5
-  curl -s  -H 'Host: {name}' -H 'Range: bytes=0-99' {edge}/video/demo.mp4 | wc -c
-  curl -so /dev/null -w '%{{size_download}} bytes\\n' -H 'Host: {name}' {edge}/video/demo.mp4
-  curl -sI -H 'Host: {name}' {edge}/api/time              # no-store: never cached
-  curl -s  {admin}/metrics | grep cdn_edge_requests
-
-Ctrl-C stops it.""",
-            flush=True,
-        )
-        await _wait_for_signal()
-    finally:
-        await worker.stop()
-        await runner.cleanup()
+        _run(run_demo(config, control_listen), loop_name)
+    except DemoError as e:
+        print(f"cdn: demo: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="cdn", description="cdn-edge: edge CDN and control plane"
-    )
+    parser = argparse.ArgumentParser(prog="cdn", description="cdn-edge: edge CDN and control plane")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument(
         "--loop",
@@ -165,8 +131,16 @@ def main(argv: list[str] | None = None) -> None:
     p_origin = sub.add_parser("origin", help="run the sample origin (demo and benchmarks)")
     p_origin.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 8001))
     p_origin.add_argument("--dir", type=Path, default=Path("var/demo/origin"))
-    p_up = sub.add_parser("up", help="the demo: a sample origin and an edge in front of it")
-    p_up.add_argument("--config", default="configs/demo.toml")
+    p_up = sub.add_parser(
+        "up", help="the demo: a sample origin, a control plane and an edge attached to it"
+    )
+    p_up.add_argument("--config", default="configs/demo.toml", help="a standalone edge config")
+    p_up.add_argument(
+        "--control-listen",
+        type=_parse_listen,
+        default=("127.0.0.1", 9000),
+        help="where the demo's control plane listens (default 127.0.0.1:9000)",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -184,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         host, port = args.listen
         _run(_origin_main(host, port, args.dir), args.loop)
     else:
-        _run(_demo_main(_load(args.config)), args.loop)
+        sys.exit(_demo(_load(args.config), args.control_listen, args.loop))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""`cdn up` (what `make run` starts), run as a user runs it: a subprocess, driven with the
+commands it prints. Only the ports and the state directory differ from configs/demo.toml."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.rawhttp import request
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _demo_config(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    ports = {name: _free_port() for name in ("edge", "admin", "origin", "control")}
+    text = (CONFIGS / "demo.toml").read_text()
+    text = text.replace("127.0.0.1:8080", f"127.0.0.1:{ports['edge']}")
+    text = text.replace("127.0.0.1:9080", f"127.0.0.1:{ports['admin']}")
+    text = text.replace("127.0.0.1:8001", f"127.0.0.1:{ports['origin']}")
+    text = text.replace('"var/demo/edge"', f'"{tmp_path}/demo/edge"')
+    text = text.replace('disk = "2GiB"', 'disk = "256MiB"')
+    path = tmp_path / "demo.toml"
+    path.write_text(text)
+    return path, ports
+
+
+async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float) -> str:
+    seen: list[str] = []
+
+    async def read() -> None:
+        while line := await stream.readline():
+            seen.append(line.decode(errors="replace"))
+            if marker in seen[-1]:
+                return
+        raise AssertionError("cdn up ended before printing " + repr(marker) + ":\n" + "".join(seen))
+
+    await asyncio.wait_for(read(), timeout)
+    return "".join(seen)
+
+
+async def test_cdn_up_serves_through_an_edge_attached_to_its_control_plane(
+    tmp_path: Path,
+) -> None:
+    config, ports = _demo_config(tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "edge.cli",
+        "up",
+        "--config",
+        str(config),
+        "--control-listen",
+        f"127.0.0.1:{ports['control']}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    try:
+        printed = await _read_until(proc.stdout, "Ctrl-C stops it.", 90)
+        account = re.search(r"demo account\s+(\S+)", printed)
+        operator = re.search(r"operator\s+(\S+)", printed)
+        assert account and operator, printed
+        control = f"http://127.0.0.1:{ports['control']}"
+        assert f"{control}/v1" in printed
+
+        edge, host = ports["edge"], "demo.cdn.test"
+        first = await request(edge, "/img/logo.png", host)
+        assert first.status == 200 and len(first.body) == 4096
+        again = await request(edge, "/img/logo.png", host)
+        assert "hit" in (again.header("cache-status") or "")
+
+        async with aiohttp.ClientSession(base_url=control) as api:
+            as_operator = {"Authorization": f"Bearer {operator.group(1)}"}
+            as_account = {"Authorization": f"Bearer {account.group(1)}"}
+            async with api.get("/v1/domains", headers=as_account) as resp:
+                assert [d["name"] for d in (await resp.json())["domains"]] == ["demo.cdn.test"]
+            async with api.post(
+                "/v1/domains/demo.cdn.test/suspend", json={"reason": "demo"}, headers=as_operator
+            ) as resp:
+                assert resp.status == 200
+            for _ in range(100):
+                refused = await request(edge, "/img/logo.png", host)
+                if refused.status == 403:
+                    break
+                await asyncio.sleep(0.02)
+            assert refused.status == 403 and refused.body == b"domain suspended: demo\n"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 30)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
