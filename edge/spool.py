@@ -1,0 +1,339 @@
+"""The usage spool: metered buckets on local disk until the control plane has them (issue 5).
+
+Usage is money, so the edge keeps it on disk, fsynced, until the control plane acknowledges it,
+and the control plane counts a batch once however often it arrives (it stores batches by id).
+Hence: every batch has an id unique across restarts (a uuid4), every file is written whole or
+not at all (temp file, write, fsync, rename, fsync the directory), a pending batch is never
+changed and is deleted only after a 2xx answer, and re-sending is always safe.
+
+Two ways in. `append` writes buckets as one batch at once. `add` sums buckets into the *open*
+batch, rewritten durably on each call (the supervisor adds its workers' counts every second, so
+a hard kill loses at most that second), and `seal` makes the open batch a pending one by renaming
+its file; an open batch left by a crash is sealed when the spool is opened.
+
+Layout of `directory` (state_dir/usage): `<ns>-<id>.json` pending batches (ns: nanoseconds since
+the epoch at sealing, so names sort oldest first), `open.json` the open batch, `.tmp-*` files
+being written (a crash leaves them: removed at open), `*.bad` unreadable files set aside (never
+shipped, kept for a person to look at). A file holds exactly the body POSTed for it:
+{"batch": ID, "edge": EDGE_ID, "buckets": [BUCKET...]} (BUCKET: edge.meter.Bucket.to_json).
+
+`Shipper` POSTs pending batches to `{control_url}/v1/edge/usage`, oldest first, and deletes
+each on a 2xx answer; otherwise it retries with a jittered backoff capped at BACKOFF_MAX.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from edge.meter import Bucket, merge
+
+log = logging.getLogger("edge.spool")
+
+OPEN = "open.json"
+_TEMP = ".tmp-"
+_SUFFIX = ".json"
+
+USAGE_PATH = "/v1/edge/usage"
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+TIMEOUT = 30.0  # one POST, connection included
+BATCHES_PER_ROUND = 100  # pending batches read from disk at a time
+
+
+class SpoolError(Exception):
+    """A batch could not be written (full or failing disk): nothing already spooled changed,
+    and the caller still holds (or, for `add`, the spool still holds in memory) the buckets."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    id: str
+    edge: str
+    buckets: tuple[Bucket, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch": self.id,
+            "edge": self.edge,
+            "buckets": [bucket.to_json() for bucket in self.buckets],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Batch:
+        """ValueError unless `data` is `to_json`'s form."""
+        if not isinstance(data, dict) or set(data) != {"batch", "edge", "buckets"}:
+            raise ValueError('a batch must be an object of "batch", "edge" and "buckets"')
+        batch_id, edge, buckets = data["batch"], data["edge"], data["buckets"]
+        if not isinstance(batch_id, str) or not batch_id or not isinstance(edge, str):
+            raise ValueError("batch and edge must be strings")
+        if not isinstance(buckets, list):
+            raise ValueError("buckets must be a list")
+        return cls(batch_id, edge, tuple(Bucket.from_json(bucket) for bucket in buckets))
+
+
+class Spool:
+    """Batches of buckets in `directory`, for `edge_id`; one process owns a directory."""
+
+    def __init__(self, directory: str | os.PathLike[str], edge_id: str) -> None:
+        self.directory = Path(directory)
+        self.edge_id = edge_id
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for temp in self.directory.glob(f"{_TEMP}*"):
+            temp.unlink(missing_ok=True)  # a write a crash interrupted: never a batch
+        self._open_id = ""
+        self._open: list[Bucket] = []
+        self._open_written = True  # `_open` is what open.json holds
+        try:
+            self._open_id = self._read(self.directory / OPEN).id
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.error("usage spool: setting aside unreadable open batch: %s", exc)
+            os.replace(self.directory / OPEN, self.directory / f"open-{time.time_ns()}.bad")
+        self.seal()  # what a crash left open: everything up to its last `add`
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def append(self, buckets: list[Bucket]) -> str:
+        """Write `buckets` as one pending batch; its id. SpoolError when the disk fails."""
+        batch_id = uuid.uuid4().hex
+        self._write(self._pending_path(batch_id), Batch(batch_id, self.edge_id, tuple(buckets)))
+        return batch_id
+
+    def add(self, buckets: list[Bucket]) -> None:
+        """Sum `buckets` into the open batch and rewrite it durably. SpoolError when the disk
+        fails: the sum stays in memory, and the next `add` or `seal` writes it."""
+        if not buckets:
+            return
+        if not self._open_id:
+            self._open_id = uuid.uuid4().hex
+        self._open = merge([*self._open, *buckets])
+        self._open_written = False
+        self._write_open()
+
+    def seal(self) -> str | None:
+        """Make the open batch pending (to be shipped); its id, None when there is none.
+        SpoolError when the disk fails: it stays open."""
+        if not self._open_id:
+            return None
+        if not self._open_written:
+            self._write_open()
+        batch_id = self._open_id
+        try:
+            os.replace(self.directory / OPEN, self._pending_path(batch_id))
+            self._sync_directory()
+        except OSError as exc:
+            raise SpoolError(f"usage spool {self.directory}: cannot seal a batch: {exc}") from exc
+        self._open_id, self._open = "", []
+        return batch_id
+
+    @property
+    def open_buckets(self) -> list[Bucket]:
+        """What the open batch holds (as written, or to be written by the next `add`/`seal`)."""
+        return list(self._open)
+
+    def _write_open(self) -> None:
+        self._write(self.directory / OPEN, Batch(self._open_id, self.edge_id, tuple(self._open)))
+        self._open_written = True
+
+    def _pending_path(self, batch_id: str) -> Path:
+        return self.directory / f"{time.time_ns():020d}-{batch_id}{_SUFFIX}"
+
+    def _write(self, path: Path, batch: Batch) -> None:
+        """`batch` as `path`, all or nothing: a temp file, fsync, rename, fsync the directory."""
+        data = json.dumps(batch.to_json(), separators=(",", ":")).encode()
+        temp = self.directory / f"{_TEMP}{uuid.uuid4().hex}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+            self._sync_directory()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+            raise SpoolError(f"usage spool {self.directory}: cannot write a batch: {exc}") from exc
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def pending(self, limit: int | None = None) -> list[Batch]:
+        """Pending batches, oldest first (at most `limit`). A file that cannot be read as a
+        batch is renamed to *.bad (logged) and skipped: it is kept, never shipped."""
+        out: list[Batch] = []
+        for path in sorted(self.directory.glob(f"*-*{_SUFFIX}")):
+            if limit is not None and len(out) >= limit:
+                break
+            try:
+                out.append(self._read(path))
+            except FileNotFoundError:
+                continue  # acknowledged meanwhile
+            except (OSError, ValueError) as exc:
+                log.error("usage spool: setting aside unreadable batch %s: %s", path.name, exc)
+                with contextlib.suppress(OSError):
+                    os.replace(path, path.with_suffix(".bad"))
+        return out
+
+    def acknowledge(self, batch_id: str) -> None:
+        """The control plane has the batch: delete it (no fsync: a batch that reappears after a
+        crash is sent again, and the control plane counts it once)."""
+        for path in self.directory.glob(f"*-{batch_id}{_SUFFIX}"):
+            path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _read(path: Path) -> Batch:
+        batch = Batch.from_json(json.loads(path.read_bytes()))
+        if path.name != OPEN and not path.name.endswith(f"-{batch.id}{_SUFFIX}"):
+            raise ValueError(f"the file holds batch {batch.id}")
+        return batch
+
+
+class Shipper:
+    """Sends the spool's pending batches to the control plane until each is acknowledged.
+
+    Owns one task between `start` and `stop`. It ships when woken (`wake`, after a batch was
+    sealed or appended) and, while batches are left, after a jittered backoff that doubles from
+    `backoff_first` up to `backoff_max` on each failed round; a round stops at the first
+    failure, except a 4xx that only that batch gets (400, 413, 422...), after which the next
+    batches are tried (that batch stays spooled, retried each round, logged).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        control_url: str,
+        token: str,
+        *,
+        backoff_first: float = BACKOFF_FIRST,
+        backoff_max: float = BACKOFF_MAX,
+        timeout: float = TIMEOUT,
+    ) -> None:
+        self.spool = spool
+        self.url = control_url + USAGE_PATH
+        self._token = token
+        self._backoff_first = backoff_first
+        self._backoff_max = backoff_max
+        self._timeout = timeout
+        self.shipped = 0  # batches acknowledged
+        self.failures = 0  # POSTs that failed (no answer, or not 2xx)
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._failing = False  # for logging each outage once
+
+    def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"Authorization": f"Bearer {self._token}"},
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
+        )
+        self._task = asyncio.create_task(self._run(), name="usage-shipper")
+
+    async def stop(self) -> None:
+        """Stop shipping (what is pending stays spooled for the next start)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def wake(self) -> None:
+        """A batch was spooled: ship now rather than at the end of a backoff."""
+        self._wake.set()
+
+    async def flush(self) -> bool:
+        """Try to ship every pending batch now; whether none is left."""
+        async with self._lock:
+            return await self._round()
+
+    async def _run(self) -> None:
+        delay = self._backoff_first
+        while True:
+            self._wake.clear()
+            try:
+                done = await self.flush()
+            except OSError as exc:  # the spool's disk: retried like a failed POST
+                log.error("usage spool: %s", exc)
+                done = False
+            if done:
+                delay = self._backoff_first
+                await self._wake.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(random.uniform(delay / 2, delay)):
+                    await self._wake.wait()
+            delay = min(delay * 2, self._backoff_max)
+
+    async def _round(self) -> bool:
+        kept: set[str] = set()  # refused by a 4xx of their own this round
+        while True:
+            pending = self.spool.pending(len(kept) + BATCHES_PER_ROUND)
+            batches = [batch for batch in pending if batch.id not in kept]
+            if not batches:
+                return not kept
+            for batch in batches:
+                status = await self._post(batch)
+                if status is not None and 200 <= status < 300:
+                    self.spool.acknowledge(batch.id)
+                    self.shipped += 1
+                    continue
+                self.failures += 1
+                if status is not None and 400 <= status < 500 and status not in _NOT_OWN:
+                    log.error("usage batch %s refused: HTTP %d; kept, retried", batch.id, status)
+                    kept.add(batch.id)
+                    continue
+                return False
+
+    async def _post(self, batch: Batch) -> int | None:
+        """The answer's status; None when there was none (logged once per outage)."""
+        assert self._session is not None, "start() first"
+        try:
+            async with self._session.post(self.url, json=batch.to_json()) as resp:
+                await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._trouble(f"{type(exc).__name__}: {exc}")
+            return None
+        if 200 <= status < 300:
+            if self._failing:
+                log.info("usage shipping to %s works again", self.url)
+                self._failing = False
+        else:
+            self._trouble(f"HTTP {status}")
+        return status
+
+    def _trouble(self, problem: str) -> None:
+        if not self._failing:
+            log.warning("usage shipping to %s failing (%s); retrying", self.url, problem)
+            self._failing = True
+
+
+# 4xx answers that are about the edge or the moment, not one batch: the round stops.
+_NOT_OWN = frozenset({401, 403, 404, 408, 429})
