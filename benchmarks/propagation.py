@@ -113,6 +113,7 @@ listen = "{HOST}:{self.control_port}"
 database = "sqlite:///{WORK}/control-{secrets.token_hex(4)}.db"
 admin_token = "{self.admin_token}"
 cname_suffix = "cdn.bench.test"
+origin_deny = []  # the benchmark's origin is on loopback
 """
         )
         control = ManagedProcess(

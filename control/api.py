@@ -22,6 +22,8 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.auth import PRINCIPAL, Principal, TokenKind, new_token
+from control.config import Network
+from control.digits import parse_digits
 from control.feed import Feed
 from control.problems import Problem
 from control.schema import api_tokens, audit_log
@@ -31,6 +33,7 @@ ENGINE = web.AppKey("engine", AsyncEngine)
 OPERATOR_TOKEN = web.AppKey("operator_token", str)
 FEED = web.AppKey("feed", Feed)
 CNAME_SUFFIX = web.AppKey("cname_suffix", str)
+ORIGIN_DENY = web.AppKey("origin_deny", tuple[Network, ...])
 
 Kind = Literal["public", "operator", "account", "subaccount", "edge"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -44,6 +47,7 @@ PUBLIC: frozenset[Kind] = frozenset({"public"})
 EDGE: frozenset[Kind] = frozenset({"edge"})
 
 _MAX_ID = 2**31 - 1  # ids are 32-bit integers in both databases
+_MAX_ID_DIGITS = 10
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -238,8 +242,8 @@ def domain_name(raw: str, field: str) -> str:
 
 def path_id(request: web.Request) -> int:
     """The `{id}` of the path; an id beyond the column's range names nothing: 404."""
-    value = int(request.match_info["id"])
-    if value > _MAX_ID:
+    value = parse_digits(request.match_info["id"], _MAX_ID_DIGITS)
+    if value is None or value > _MAX_ID:
         raise Problem(404, f"no such resource: {request.path}")
     return value
 
@@ -281,10 +285,6 @@ async def reading(request: web.Request) -> AsyncIterator[AsyncConnection]:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
 
 
 async def audit(

@@ -9,23 +9,37 @@ this module) and are re-exported here.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from control import accounts, blocks, domains, edges, openapi, purge, subaccounts
-from control.api import CNAME_SUFFIX, ENGINE, FEED, OPERATOR_TOKEN, Handler, Route
+from control import (
+    accounts,
+    billing,
+    blocks,
+    domains,
+    edges,
+    notices,
+    openapi,
+    purge,
+    subaccounts,
+    usage,
+)
+from control.api import CNAME_SUFFIX, ENGINE, FEED, OPERATOR_TOKEN, ORIGIN_DENY, Handler, Route
 from control.auth import PRINCIPAL, Principal, bearer_token, principal_for
 from control.config import ControlConfig
 from control.db import engine_for, migrate
 from control.feed import Feed
 from control.problems import Problem
+from control.scheduler import CLOCK, SCHEDULER, Clock, Scheduler
 
 __all__ = [
     "CNAME_SUFFIX",
     "ENGINE",
     "FEED",
     "OPERATOR_TOKEN",
+    "ORIGIN_DENY",
     "ROUTES",
     "errors_and_auth",
     "make_app",
@@ -41,6 +55,9 @@ ROUTES: tuple[Route, ...] = (
     *purge.routes.routes,
     *blocks.routes.routes,
     *subaccounts.routes.routes,
+    *usage.routes.routes,
+    *notices.routes.routes,
+    *billing.routes.routes,
     *openapi.routes.routes,
 )
 
@@ -91,7 +108,17 @@ def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Ap
     app[ENGINE] = store
     app[OPERATOR_TOKEN] = config.admin_token
     app[CNAME_SUFFIX] = config.cname_suffix
+    app[ORIGIN_DENY] = config.origin_deny
     app[FEED] = feed
+    deliveries = notices.Deliverer(store, config.secret_key, config.origin_deny)
+    app[notices.DELIVERIES] = deliveries
+    clock = app[CLOCK] = Clock()
+    grace = timedelta(seconds=config.arrears_grace)
+
+    async def settle_due(at: datetime) -> object:
+        return await billing.settle(store, at, clock=clock, grace=grace, changed=feed.changed)
+
+    scheduler = app[SCHEDULER] = Scheduler(settle_due, clock, config.settle_every)
     app[openapi.DOCUMENT] = openapi.document([*ROUTES, *openapi.EDGE_ROUTES])
     for route in ROUTES:
         assert route.handler is not None
@@ -102,6 +129,8 @@ def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Ap
         if owned:
             await migrate(store)
         await feed.start()
+        await deliveries.start()
+        scheduler.start()
 
     async def end_streams(_: web.Application) -> None:
         # on_shutdown runs before the server waits for open requests: edge streams never end
@@ -109,6 +138,8 @@ def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Ap
         await feed.stop()
 
     async def stop(_: web.Application) -> None:
+        await scheduler.stop()
+        await deliveries.stop()
         await feed.stop()
         if owned:
             await store.dispose()

@@ -19,7 +19,6 @@ from control.api import (
     caller,
     domain_name,
     invalid,
-    iso,
     now,
     path_id,
     reading,
@@ -29,7 +28,7 @@ from control.domains import find
 from control.feed import publish
 from control.models import BlockList, BlockOut, NewBlock
 from control.problems import Problem
-from control.schema import url_blocks
+from control.schema import iso, url_blocks
 
 routes = RouteTable()
 

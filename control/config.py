@@ -11,13 +11,51 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from control.db import async_url
+from control.digits import parse_digits
 from edge.config import ConfigError, parse_duration
 
 ADMIN_TOKEN_ENV = "CDN_ADMIN_TOKEN"
+SECRET_KEY_ENV = "CDN_SECRET_KEY"
 
-_KEYS = ("listen", "database", "admin_token", "cname_suffix", "heartbeat", "change_log_keep")
+Network = IPv4Network | IPv6Network
+
+# Origins at these addresses are refused: edges would fetch from their own host or network for
+# anyone who adds a domain (loopback, link-local with the cloud metadata service, unspecified,
+# multicast, RFC 1918, unique local, carrier-grade NAT).
+ORIGIN_DENY: tuple[Network, ...] = tuple(
+    ip_network(cidr)
+    for cidr in (
+        "127.0.0.0/8",
+        "::1/128",
+        "169.254.0.0/16",
+        "fe80::/10",
+        "0.0.0.0/8",
+        "::/128",
+        "224.0.0.0/4",
+        "ff00::/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+        "100.64.0.0/10",
+    )
+)
+
+_KEYS = (
+    "listen",
+    "database",
+    "admin_token",
+    "cname_suffix",
+    "heartbeat",
+    "change_log_keep",
+    "origin_deny",
+    "secret_key",
+    "arrears_grace",
+    "settle_every",
+)
 _DNS_NAME = re.compile(
     r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z][a-z0-9-]*[a-z0-9]"
 )
@@ -34,6 +72,13 @@ class ControlConfig:
     database: str = "sqlite:///var/control.db"
     heartbeat: float = 15.0
     change_log_keep: float = 7 * 86400.0
+    # Billing: how long an account may be in arrears before its domains are suspended (4.3,
+    # 5.2b), and how often the scheduler looks for days to settle.
+    arrears_grace: float = 86400.0
+    settle_every: float = 60.0
+    origin_deny: tuple[Network, ...] = ORIGIN_DENY
+    # Encrypts webhook secrets at rest; empty: accounts cannot set a webhook.
+    secret_key: str = ""
 
     def __repr__(self) -> str:
         # The admin token must never reach a log or a traceback through a repr.
@@ -103,6 +148,10 @@ def parse_config(text: str, source: str, *, env: Mapping[str, str]) -> ControlCo
     if any(c.isspace() for c in admin_token):
         raise fail("control.admin_token", "must not contain whitespace (it is a bearer token)")
 
+    secret_key = string("secret_key", "") or env.get(SECRET_KEY_ENV, "")
+    if secret_key and len(secret_key) < 32:
+        raise fail("control.secret_key", "is too short: use at least 32 random characters")
+
     if "cname_suffix" not in table:
         raise fail("control.cname_suffix", "is required (domains get CNAME <name>.<cname_suffix>)")
     cname_suffix = string("cname_suffix", "").lower().removesuffix(".")
@@ -120,6 +169,20 @@ def parse_config(text: str, source: str, *, env: Mapping[str, str]) -> ControlCo
             raise fail(f"control.{key}", "must be more than 0 seconds")
         return float(value)
 
+    def networks(key: str) -> tuple[Network, ...]:
+        raw = table[key]
+        if not isinstance(raw, list):
+            raise fail(f"control.{key}", f"expected a list of CIDRs, got {type(raw).__name__}")
+        found = []
+        for index, cidr in enumerate(raw):
+            network = _network(cidr)
+            if network is None:
+                raise fail(
+                    f"control.{key}[{index}]", f"{cidr!r} is not a CIDR such as '10.0.0.0/8'"
+                )
+            found.append(network)
+        return tuple(found)
+
     return ControlConfig(
         source=source,
         admin_token=admin_token,
@@ -128,11 +191,27 @@ def parse_config(text: str, source: str, *, env: Mapping[str, str]) -> ControlCo
         database=database,
         heartbeat=seconds("heartbeat", defaults.heartbeat),
         change_log_keep=seconds("change_log_keep", defaults.change_log_keep),
+        arrears_grace=seconds("arrears_grace", defaults.arrears_grace),
+        settle_every=seconds("settle_every", defaults.settle_every),
+        origin_deny=networks("origin_deny") if "origin_deny" in table else ORIGIN_DENY,
+        secret_key=secret_key,
     )
 
 
 def _listen(value: str) -> tuple[str, int] | None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    host, sep, raw_port = value.rpartition(":")
+    port = parse_digits(raw_port, 5)
+    if not sep or port is None or port > 65535:
         return None
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.strip("[]") or "127.0.0.1", port
+
+
+def _network(value: object) -> Network | None:
+    """A CIDR string as a network (host bits ignored), or None; ip_network alone would also
+    take an integer as an address."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return ip_network(value, strict=False)
+    except ValueError:
+        return None

@@ -8,7 +8,10 @@ domain the operator suspended on its own stays suspended until the operator resu
 
 from __future__ import annotations
 
+import socket
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from sqlalchemy import Row, delete, insert, select, update
@@ -19,24 +22,26 @@ from control.api import (
     ACCOUNTS,
     CNAME_SUFFIX,
     OPERATOR,
+    ORIGIN_DENY,
     RouteTable,
     account_of,
     audit,
     caller,
     invalid,
-    iso,
     now,
     reading,
     writing,
 )
 from control.auth import Principal
+from control.config import Network
 from control.feed import publish
 from control.models import DomainList, DomainOut, DomainSettings, NewDomain, StateChange
 from control.problems import Problem
-from control.schema import accounts, domains
+from control.schema import accounts, domains, iso
 from edge.config import DomainConfig, InvalidValue, QueryPolicy, parse_domain
 
 ACCOUNT_SUSPENDED = "account suspended: "
+_LOOPBACK = (IPv4Address("127.0.0.1"), IPv6Address("::1"))
 
 routes = RouteTable()
 
@@ -70,13 +75,54 @@ def domain_config(parsed: DomainConfig) -> dict[str, Any]:
     return config
 
 
-def validated(table: dict[str, Any]) -> DomainConfig:
-    """`table` checked by the edge's own parser; a 422 naming the field (`origins[0]`)."""
+def validated(table: dict[str, Any], deny: tuple[Network, ...]) -> DomainConfig:
+    """`table` checked by the edge's own parser, its origins against `deny`; a 422 naming the
+    field (`origins[0]`)."""
     try:
-        return parse_domain(table, "domain")
+        parsed = parse_domain(table, "domain")
     except InvalidValue as exc:
         field = exc.key.removeprefix("domain").removeprefix(".") or "(body)"
         raise invalid([{"field": field, "problem": exc.problem}]) from None
+    errors = [
+        {"field": f"origins[{index}]", "problem": problem}
+        for index, origin in enumerate(parsed.origins)
+        if (problem := _denied(origin, deny))
+    ]
+    if errors:
+        raise invalid(errors)
+    return parsed
+
+
+def _denied(origin: str, deny: tuple[Network, ...]) -> str:
+    """Why edges must not fetch from `origin` (SSRF: an account would make every edge request
+    its own host or network); "" if they may. Only address literals and loopback names are
+    checked: what a name resolves to can change after this check."""
+    host = urlsplit(origin).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return f"{host} is a loopback name (origin_deny)" if _in(_LOOPBACK, deny) else ""
+    address = _address(host)
+    if address is None:
+        return ""
+    seen: tuple[IPv4Address | IPv6Address, ...] = (address,)
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        seen += (address.ipv4_mapped,)
+    return f"{host} is in a denied range (origin_deny)" if _in(seen, deny) else ""
+
+
+def _address(host: str) -> IPv4Address | IPv6Address | None:
+    """The address `host` spells, also in the forms the resolver reads as IPv4 ('0x7f.1')."""
+    try:
+        return ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def _in(addresses: tuple[IPv4Address | IPv6Address, ...], deny: tuple[Network, ...]) -> bool:
+    return any(address in network for address in addresses for network in deny)
 
 
 def change_payload(row: Row[Any]) -> dict[str, Any]:
@@ -180,7 +226,9 @@ async def list_domains(request: web.Request) -> web.StreamResponse:
 async def create_domain(request: web.Request, body: NewDomain) -> web.StreamResponse:
     principal = caller(request)
     account_id = account_of(principal)
-    parsed = validated(body.model_dump(exclude_unset=True, exclude_none=True))
+    parsed = validated(
+        body.model_dump(exclude_unset=True, exclude_none=True), request.app[ORIGIN_DENY]
+    )
     if not principal.sees_domain(parsed.name):
         raise Problem(
             403, f"this sub-account may not add domains beyond its limit ({parsed.name!r})"
@@ -244,7 +292,7 @@ async def update_domain(request: web.Request, body: DomainSettings) -> web.Strea
         _not_terminated(row)
         await require_active_account(conn, row.account_id)
         table = {"name": name, **body.model_dump(exclude_unset=True, exclude_none=True)}
-        config = domain_config(validated(table))
+        config = domain_config(validated(table, request.app[ORIGIN_DENY]))
         await conn.execute(
             update(domains).where(domains.c.id == row.id).values(config=config, updated_at=now())
         )
@@ -268,6 +316,9 @@ async def delete_domain(request: web.Request) -> web.StreamResponse:
     async with writing(request) as conn:
         row = await own(conn, principal, name)
         _not_terminated(row)
+        if row.state == "suspended":
+            # deleting and adding it again would undo the suspension
+            raise Problem(409, "suspended domains cannot be deleted; ask the operator")
         await conn.execute(delete(domains).where(domains.c.id == row.id))
         await publish(conn, "domain.delete", {"name": name})
         await audit(conn, principal, row.account_id, "domain.delete", name)
@@ -294,15 +345,7 @@ async def _operator_domain(conn: AsyncConnection, name: str) -> Row[Any]:
     response=DomainOut,
 )
 async def suspend_domain(request: web.Request, body: StateChange) -> web.StreamResponse:
-    name = path_name(request)
-    async with writing(request) as conn:
-        row = await _operator_domain(conn, name)
-        await set_state(conn, row, "suspended", body.reason)
-        await audit(
-            conn, caller(request), row.account_id, "domain.suspend", name, {"reason": body.reason}
-        )
-        row = await _reload(conn, name)
-    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+    return await _operator_sets(request, "suspended", body.reason, "domain.suspend")
 
 
 @routes.route(
@@ -337,12 +380,17 @@ async def resume_domain(request: web.Request) -> web.StreamResponse:
     response=DomainOut,
 )
 async def terminate_domain(request: web.Request, body: StateChange) -> web.StreamResponse:
+    return await _operator_sets(request, "terminated", body.reason, "domain.terminate")
+
+
+async def _operator_sets(
+    request: web.Request, state: str, reason: str, action: str
+) -> web.StreamResponse:
+    """Suspend or terminate the path's domain, audited under its account."""
     name = path_name(request)
     async with writing(request) as conn:
         row = await _operator_domain(conn, name)
-        await set_state(conn, row, "terminated", body.reason)
-        await audit(
-            conn, caller(request), row.account_id, "domain.terminate", name, {"reason": body.reason}
-        )
+        await set_state(conn, row, state, reason)
+        await audit(conn, caller(request), row.account_id, action, name, {"reason": reason})
         row = await _reload(conn, name)
     return web.json_response(view(row, request.app[CNAME_SUFFIX]))

@@ -7,11 +7,12 @@ from typing import Any
 
 from aiohttp import web
 from sqlalchemy import Row, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from control.api import (
+    FEED,
     OPERATOR,
     RouteTable,
-    iso,
     issue_token,
     now,
     path_id,
@@ -21,7 +22,7 @@ from control.api import (
 )
 from control.models import EdgeCreated, EdgeList, NewEdge
 from control.problems import Problem
-from control.schema import api_tokens, edges
+from control.schema import api_tokens, edges, iso
 
 routes = RouteTable()
 
@@ -46,18 +47,22 @@ def view(row: Row[Any]) -> dict[str, Any]:
     response=EdgeCreated,
 )
 async def create_edge(request: web.Request, body: NewEdge) -> web.StreamResponse:
-    async with writing(request) as conn:
-        taken = (await conn.execute(select(edges.c.id).where(edges.c.name == body.name))).first()
-        if taken is not None:
-            # Names stay taken after removal, so an edge's history is never mixed up.
-            raise Problem(409, f"an edge named {body.name!r} exists or existed")
-        edge_id = (
-            await conn.execute(
-                insert(edges).values(name=body.name, created_at=now()).returning(edges.c.id)
-            )
-        ).scalar_one()
-        _, token = await issue_token(conn, "edge", label=body.name, edge_id=edge_id)
-        row = (await conn.execute(select(edges).where(edges.c.id == edge_id))).one()
+    # Names stay taken after removal, so an edge's history is never mixed up.
+    taken = f"an edge named {body.name!r} exists or existed"
+    try:
+        async with writing(request) as conn:
+            exists = await conn.execute(select(edges.c.id).where(edges.c.name == body.name))
+            if exists.first() is not None:
+                raise Problem(409, taken)
+            edge_id = (
+                await conn.execute(
+                    insert(edges).values(name=body.name, created_at=now()).returning(edges.c.id)
+                )
+            ).scalar_one()
+            _, token = await issue_token(conn, "edge", label=body.name, edge_id=edge_id)
+            row = (await conn.execute(select(edges).where(edges.c.id == edge_id))).one()
+    except IntegrityError:  # registered by a concurrent request since the check (PostgreSQL)
+        raise Problem(409, taken) from None
     return token_response({"edge": view(row), "token": token})
 
 
@@ -95,4 +100,6 @@ async def delete_edge(request: web.Request) -> web.StreamResponse:
             .where(api_tokens.c.edge_id == edge_id, api_tokens.c.revoked_at.is_(None))
             .values(revoked_at=at)
         )
+    # Its open feed ends now (other replicas' within a heartbeat); a reconnect gets 401.
+    request.app[FEED].end_streams_of(edge_id)
     return web.Response(status=204)

@@ -9,12 +9,17 @@ that `Feed.changed()` (a writer in this process) and the LISTEN connection (a wr
 replica) wake; it then reads the log after the last version it sent. The log is gap-free and in
 commit order, so "everything after my last version" never skips or reorders a change; a periodic
 re-read at each heartbeat covers a lost notification.
+
+A stream lives only as long as its token: removing an edge ends its streams in this process at
+once (`end_streams_of`), and every stream checks its token at each heartbeat, which ends the
+streams other replicas hold within one heartbeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -23,21 +28,24 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from sqlalchemy import case, select, text, update
+from sqlalchemy import Row, case, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.auth import PRINCIPAL, Principal
+from control.digits import parse_digits
 from control.problems import Problem
 from control.schema import (
     Change,
+    api_tokens,
     append_change,
     change_counter,
     changes,
     changes_since,
     domains,
     edges,
+    iso,
     task_results,
     tasks,
     url_blocks,
@@ -88,11 +96,8 @@ async def build_state(conn: AsyncConnection) -> dict[str, Any]:
     Consistent only inside one snapshot: use `read_snapshot`.
     """
     version = await newest_version(conn)
-    domain_rows = await conn.execute(
-        select(domains.c.name, domains.c.state, domains.c.state_reason, domains.c.config).order_by(
-            domains.c.name
-        )
-    )
+    at = await conn.execute(select(changes.c.created_at).where(changes.c.version == version))
+    domain_rows = await conn.execute(select(domains).order_by(domains.c.name))
     block_rows = await conn.execute(
         select(url_blocks.c.domain, url_blocks.c.pattern, url_blocks.c.reason).order_by(
             url_blocks.c.domain, url_blocks.c.pattern
@@ -100,14 +105,20 @@ async def build_state(conn: AsyncConnection) -> dict[str, Any]:
     )
     return {
         "version": version,
-        "domains": [
-            {"name": r.name, "state": r.state, "reason": r.state_reason, "config": r.config}
-            for r in domain_rows
-        ],
+        "at": iso(at.scalar_one_or_none()),
+        "domains": [_domain_state(r) for r in domain_rows],
         "blocks": [
             {"domain": r.domain, "pattern": r.pattern, "reason": r.reason} for r in block_rows
         ],
     }
+
+
+def _domain_state(row: Row[Any]) -> dict[str, Any]:
+    """DOMAIN; a terminated domain without its config: edges only answer 404 for it."""
+    state = {"name": row.name, "state": row.state, "reason": row.state_reason}
+    if row.state != "terminated":
+        state["config"] = row.config
+    return state
 
 
 @contextlib.asynccontextmanager
@@ -139,15 +150,44 @@ def _event(name: str, version: int, data: dict[str, Any]) -> bytes:
     return f"event: {name}\nid: {version}\ndata: {body}\n\n".encode()
 
 
-def _is_number(raw: str, max_digits: int) -> bool:
-    return raw.isascii() and raw.isdigit() and len(raw) <= max_digits
-
-
 def _edge(request: web.Request) -> Principal:
     principal: Principal = request[PRINCIPAL]
-    if principal.kind != "edge" or principal.edge_id is None:
+    if principal.kind != "edge" or principal.edge_id is None or principal.token_id is None:
         raise Problem(403, "only an edge token may call /v1/edge/*")
     return principal
+
+
+def _at(raw: str | None) -> datetime | None:
+    """The `at` query parameter: when the edge's last change was made, as the feed sent it."""
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        value = None
+    if value is None or value.utcoffset() is None:
+        raise Problem(
+            400, f"at must be the ISO 8601 time with offset of the change `since`, got {raw!r}"
+        )
+    return value
+
+
+async def _diverged(conn: AsyncConnection, since: int, at: datetime) -> bool:
+    """Whether this log's change `since` was made at another time than the edge's: a restored
+    control plane has made other changes under the same versions."""
+    made = (
+        await conn.execute(select(changes.c.created_at).where(changes.c.version == since))
+    ).scalar_one_or_none()
+    return made is not None and made != at
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Stream:
+    """One open feed stream: whose token it serves, and whether it must end."""
+
+    edge_id: int
+    token_id: int
+    ended: bool = False
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -205,6 +245,7 @@ class Feed:
         # that need exactly it: a wake costs one query per distinct position, not per stream.
         self._generation = 0
         self._reads: dict[tuple[int, int], asyncio.Task[list[Change]]] = {}
+        self._streams: set[_Stream] = set()
 
     async def start(self) -> None:
         """Start pruning and, with PostgreSQL, listening; returns once LISTEN was tried."""
@@ -233,6 +274,14 @@ class Feed:
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
 
+    def end_streams_of(self, edge_id: int) -> None:
+        """End this process's open streams of a removed edge now (its token no longer works;
+        the other streams only wake, see nothing new and sleep again)."""
+        for stream in self._streams:
+            if stream.edge_id == edge_id:
+                stream.ended = True
+        self.changed()
+
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/v1/edge/events", self._events),
@@ -246,36 +295,52 @@ class Feed:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         principal = _edge(request)
         raw = request.query.get("since", "0")
-        if not _is_number(raw, MAX_VERSION_DIGITS):
+        since = parse_digits(raw, MAX_VERSION_DIGITS)
+        if since is None:
             raise Problem(400, f"since must be a non-negative integer version, got {raw!r}")
-        since = int(raw)
+        at = _at(request.query.get("at"))
         async with self.engine.begin() as conn:
             await conn.execute(
                 update(edges)
                 .where(edges.c.id == principal.edge_id)
                 .values(last_seen=datetime.now(UTC))
             )
-            snapshot_first = since == 0 or since > await newest_version(conn)
+            snapshot_first = (
+                since == 0
+                or since > await newest_version(conn)
+                or (at is not None and await _diverged(conn, since, at))
+            )
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
         )
+        assert principal.edge_id is not None and principal.token_id is not None  # _edge
+        stream = _Stream(principal.edge_id, principal.token_id)
+        self._streams.add(stream)
         try:
             await response.prepare(request)
-            await self._stream(response, since, snapshot_first)
+            await self._stream(response, stream, since, snapshot_first)
         except ConnectionResetError:
             log.debug("edge %s went away", principal.edge_id)
         except (SQLAlchemyError, OSError) as exc:
             # The answer has begun: no problem document now. Ending it makes the edge reconnect.
             log.warning("feed stream to edge %s ended: %s", principal.edge_id, exc)
+        finally:
+            self._streams.discard(stream)
         return response
 
-    async def _stream(self, response: web.StreamResponse, last: int, snapshot_first: bool) -> None:
+    async def _stream(
+        self, response: web.StreamResponse, stream: _Stream, last: int, snapshot_first: bool
+    ) -> None:
         loop = asyncio.get_running_loop()
-        beat_at = loop.time() + self.heartbeat
+        beat_at = check_at = loop.time() + self.heartbeat
         wake = self._wake
         if snapshot_first:
             last = await self._send_snapshot(response)
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not stream.ended:
+            if loop.time() >= check_at:  # on its own clock: a busy stream never heartbeats
+                if not await self._token_live(stream):
+                    return
+                check_at = loop.time() + self.heartbeat
             batch = await self._read_after(last)
             if batch and batch[0].version != last + 1:
                 # The changes right after `last` were pruned: the edge needs the whole state.
@@ -286,7 +351,12 @@ class Feed:
                     _event(
                         "change",
                         change.version,
-                        {"version": change.version, "kind": change.kind, "payload": change.payload},
+                        {
+                            "version": change.version,
+                            "kind": change.kind,
+                            "payload": change.payload,
+                            "at": iso(change.created_at),
+                        },
                     )
                 )
                 last = change.version
@@ -295,13 +365,28 @@ class Feed:
             if len(batch) == BATCH:
                 continue
             if not wake.is_set():
-                timeout = beat_at - loop.time()
+                timeout = min(beat_at, check_at) - loop.time()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
             wake = self._wake
-            if loop.time() >= beat_at and not self._stopping.is_set():
+            if loop.time() >= beat_at and not self._stopping.is_set() and not stream.ended:
                 await response.write(b": heartbeat\n\n")
                 beat_at = loop.time() + self.heartbeat
+
+    async def _token_live(self, stream: _Stream) -> bool:
+        """Whether the stream's token still opens the feed: not revoked, its edge not removed
+        (here, or by another replica, which cannot reach this stream)."""
+        async with self.engine.connect() as conn:
+            row = await conn.execute(
+                select(api_tokens.c.id)
+                .join(edges, edges.c.id == api_tokens.c.edge_id)
+                .where(
+                    api_tokens.c.id == stream.token_id,
+                    api_tokens.c.revoked_at.is_(None),
+                    edges.c.deleted_at.is_(None),
+                )
+            )
+            return row.first() is not None
 
     async def _send_snapshot(self, response: web.StreamResponse) -> int:
         async with read_snapshot(self.engine) as conn:
@@ -368,7 +453,7 @@ class Feed:
     async def _task_result(self, request: web.Request) -> web.Response:
         principal = _edge(request)
         raw_id = request.match_info["id"]
-        task_id = int(raw_id) if _is_number(raw_id, MAX_ID_DIGITS) else None
+        task_id = parse_digits(raw_id, MAX_ID_DIGITS)
         if task_id is not None and task_id > MAX_ID:
             task_id = None
         body = await _json_object(request)

@@ -15,15 +15,29 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchem
 
 Scope = Literal["domains:read", "domains:write", "purge", "usage:read", "logs:read", "billing:read"]
 
+# Size caps: every domain is in every snapshot and every write is one change that every edge
+# reads, so no account may make either huge (one 64 MiB event stalls every edge's feed).
 MAX_URLS = 1000
 MAX_PREFIXES = 100
 MAX_PREFETCH = 1000
-MAX_NAMES = 1000  # domains or tags in one purge
+MAX_URL_LENGTH = 4096
+MAX_NAMES = 1000  # domains in one purge
+MAX_TAGS = 100  # tags in one purge
+MAX_TAG_LENGTH = 256
+MAX_PURGE_ITEMS = 10_000  # a tag purge's domains x tags
+MAX_ORIGINS = 16
+MAX_RULES = 100  # per domain
+MAX_RULE_VALUES = 100  # suffixes, prefixes or paths per rule
+MAX_QUERY_PARAMS = 100
+MAX_STRING = 1024  # rule values, origin URLs, origin_host, query parameter names
 
 Reason = Annotated[str, Field(min_length=1, max_length=1000)]
 Label = Annotated[str, Field(max_length=200)]
-Url = Annotated[str, Field(min_length=1, max_length=4096)]
+Url = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH)]
 Name = Annotated[str, Field(min_length=1, max_length=253)]
+Text = Annotated[str, Field(max_length=MAX_STRING)]
+Tag = Annotated[str, Field(min_length=1, max_length=MAX_TAG_LENGTH)]
+RuleValues = Annotated[list[Text], Field(max_length=MAX_RULE_VALUES)]
 
 
 def _int_or_string(value: object) -> int | str:
@@ -86,9 +100,9 @@ class NewBlock(Body):
 class CacheRuleBody(Body):
     """One `[[domains.rules]]` entry: exactly one of suffix, prefix, path."""
 
-    suffix: list[str] | None = None
-    prefix: list[str] | None = None
-    path: list[str] | None = None
+    suffix: RuleValues | None = None
+    prefix: RuleValues | None = None
+    path: RuleValues | None = None
     ttl: IntOrString | None = None
     respect_origin: bool | None = None
     slice: IntOrString | None = None
@@ -96,15 +110,17 @@ class CacheRuleBody(Body):
 
 class QueryBody(Body):
     mode: Literal["keep_all", "ignore_all", "keep", "drop"] = "keep_all"
-    params: list[str] | None = None
+    params: Annotated[list[Text], Field(max_length=MAX_QUERY_PARAMS)] | None = None
 
 
 class DomainSettings(Body):
     """The edge's `[[domains]]` table without `name` (`PUT /v1/domains/{name}`)."""
 
-    origins: list[str] = Field(description="origin URLs, scheme://host[:port]")
-    origin_host: str | None = None
-    rules: list[CacheRuleBody] | None = None
+    origins: Annotated[list[Text], Field(max_length=MAX_ORIGINS)] = Field(
+        description="origin URLs, scheme://host[:port]; not at an address in origin_deny"
+    )
+    origin_host: Text | None = None
+    rules: Annotated[list[CacheRuleBody], Field(max_length=MAX_RULES)] | None = None
     query: QueryBody | None = None
 
 
@@ -123,13 +139,9 @@ class PurgeRequest(Body):
     urls: Annotated[list[Url], Field(min_length=1, max_length=MAX_URLS)] | None = None
     prefixes: Annotated[list[Url], Field(min_length=1, max_length=MAX_PREFIXES)] | None = None
     domains: Annotated[list[Name], Field(min_length=1, max_length=MAX_NAMES)] | None = None
-    tags: (
-        Annotated[
-            list[Annotated[str, Field(min_length=1, max_length=256)]],
-            Field(min_length=1, max_length=MAX_NAMES),
-        ]
-        | None
-    ) = None
+    tags: Annotated[list[Tag], Field(min_length=1, max_length=MAX_TAGS)] | None = Field(
+        None, description=f"domains x tags at most {MAX_PURGE_ITEMS}"
+    )
 
 
 class PrefetchRequest(Body):
@@ -316,7 +328,9 @@ class DomainState(Out):
     name: str
     state: State
     reason: str
-    config: dict[str, Any] = Field(description="the [[domains]] table without name")
+    config: dict[str, Any] | None = Field(
+        None, description="the [[domains]] table without name; absent when terminated"
+    )
 
 
 class BlockState(Out):
@@ -329,5 +343,6 @@ class Snapshot(Out):
     """STATE of control/README.md: the whole truth at `version`."""
 
     version: int
+    at: datetime | None = Field(description="when change `version` was made; null at version 0")
     domains: list[DomainState]
     blocks: list[BlockState]

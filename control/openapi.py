@@ -31,6 +31,12 @@ EDGE_ROUTES: tuple[Route, ...] = (
             QueryParam(
                 "since", {"type": "integer", "minimum": 0}, "the last version the edge applied"
             ),
+            QueryParam(
+                "at",
+                {"type": "string", "format": "date-time"},
+                "the `at` of that change as the feed sent it; another time here (a control plane "
+                "restored from a backup) gets a snapshot first",
+            ),
         ),
         produces="text/event-stream",
     ),

@@ -26,7 +26,6 @@ from control.api import (
     audit,
     caller,
     invalid,
-    iso,
     now,
     path_id,
     reading,
@@ -35,9 +34,9 @@ from control.api import (
 from control.auth import Principal
 from control.domains import require_active_account
 from control.feed import publish
-from control.models import PrefetchRequest, PurgeRequest, TaskOut
+from control.models import MAX_PURGE_ITEMS, PrefetchRequest, PurgeRequest, TaskOut
 from control.problems import Problem
-from control.schema import domains, edges, task_results, tasks
+from control.schema import domains, edges, iso, task_results, tasks
 
 routes = RouteTable()
 
@@ -132,6 +131,12 @@ def _purge_items(body: PurgeRequest, known: set[str], ordered: list[str]) -> lis
     if not names:
         raise invalid([{"field": "domains", "problem": "you have no domain to purge"}])
     tags = list(dict.fromkeys(body.tags))
+    if len(names) * len(tags) > MAX_PURGE_ITEMS:
+        problem = (
+            f"{len(names)} domains x {len(tags)} tags is {len(names) * len(tags)} purge items, "
+            f"more than {MAX_PURGE_ITEMS}: name fewer tags or domains"
+        )
+        raise invalid([{"field": "tags", "problem": problem}])
     return [{"domain": name, "value": tag} for name in names for tag in tags]
 
 

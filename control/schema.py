@@ -17,8 +17,10 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     Dialect,
     ForeignKey,
@@ -223,6 +225,12 @@ audit_log = Table(
 )
 
 
+def iso(value: datetime | None) -> str | None:
+    """A stored time as the API and the feed show it: ISO 8601 with the offset and always the
+    microseconds, so it reads back to the same instant and compares equal as text."""
+    return None if value is None else value.isoformat(timespec="microseconds")
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     version: int
@@ -265,3 +273,171 @@ async def changes_since(conn: AsyncConnection, version: int, limit: int) -> list
         Change(version=int(r.version), kind=r.kind, payload=r.payload, created_at=r.created_at)
         for r in rows
     ]
+
+
+# --- usage: what the edges served, per domain and 5-minute window (issue 5) --------------------
+
+# Every batch an edge shipped, kept so that a batch posted twice (a lost acknowledgement, a retry)
+# is counted once: its row and its buckets are written in one transaction.
+usage_batches = Table(
+    "usage_batches",
+    metadata,
+    Column("batch_id", Text, primary_key=True),
+    Column("edge_id", Integer, ForeignKey("edges.id"), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Column("buckets", Integer, nullable=False),
+)
+
+# The sum of every edge's buckets per domain and window. Counters only ever add up (upserts of
+# `usage.x + excluded.x`), so batches may arrive in any order. `account_id` is the owner of the
+# domain when its first bucket arrived (null: no such domain), so a deleted or moved domain's past
+# traffic stays with the account that was served.
+usage = Table(
+    "usage",
+    metadata,
+    Column("domain", Text, primary_key=True),
+    Column("start", UTCDateTime(), primary_key=True),  # a 5-minute UTC boundary
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("bytes_sent", BigInteger, nullable=False),
+    Column("body_bytes", BigInteger, nullable=False),
+    Column("origin_bytes", BigInteger, nullable=False),
+    Column("hits", BigInteger, nullable=False),
+    Column("misses", BigInteger, nullable=False),
+    Column("passes", BigInteger, nullable=False),
+    Column("refused", BigInteger, nullable=False),
+    Column("status_1xx", BigInteger, nullable=False),
+    Column("status_2xx", BigInteger, nullable=False),
+    Column("status_3xx", BigInteger, nullable=False),
+    Column("status_4xx", BigInteger, nullable=False),
+    Column("status_5xx", BigInteger, nullable=False),
+    Index("ix_usage_account_start", "account_id", "start"),
+)
+
+
+# --- notices: what the account is told (agreement 11) and its webhook deliveries ---------------
+
+notices = Table(
+    "notices",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("kind", Text, nullable=False),  # one of control.notices.NOTICE_KINDS
+    Column("detail", JSONDocument, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    # Null: never deduplicated (NULLs are distinct in the unique constraint).
+    Column("dedupe_key", Text, nullable=True),
+    UniqueConstraint("account_id", "kind", "dedupe_key", name="uq_notices_account_kind_key"),
+    Index("ix_notices_account_id", "account_id", "id"),
+)
+
+# The secret signs deliveries, so it cannot be hashed: it is kept encrypted (Fernet) with the
+# operator's `secret_key`.
+account_webhooks = Table(
+    "account_webhooks",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("secret_encrypted", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("notice_id", Integer, ForeignKey("notices.id"), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    # Null once delivered or given up: nothing more to send.
+    Column("next_attempt_at", UTCDateTime(), nullable=True, index=True),
+    Column("delivered_at", UTCDateTime(), nullable=True),
+    Column("last_status", Integer, nullable=True),
+    Column("last_error", Text, nullable=False, server_default=""),
+)
+
+
+# --- billing: price lists, account money, packages, payments, settled days, bill lines --------
+# Money is integer fen (BigInteger); rates are decimal strings, never floats (control.rating).
+
+price_lists = Table(
+    "price_lists",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    # [{"up_to_gb": int | null, "fen_per_gb": "23.5"}, ...], ascending, the last unbounded
+    Column("traffic_tiers", JSONDocument, nullable=False),
+    Column("fen_per_mbps_day", Text, nullable=False),
+    Column("gb_bytes", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+account_billing = Table(
+    "account_billing",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("charge_by", Text, nullable=False),  # "traffic" | "bandwidth"
+    Column("price_list_id", Integer, ForeignKey("price_lists.id"), nullable=False),
+    Column("balance_fen", BigInteger, nullable=False, server_default="0"),
+    # billable traffic of the month of the last settled day (informative; rating recomputes)
+    Column("month_billable_bytes", BigInteger, nullable=False, server_default="0"),
+    Column("penalty_accrued_fen", BigInteger, nullable=False, server_default="0"),
+    Column("arrears_since", UTCDateTime(), nullable=True),
+    Column("low_balance_fen", BigInteger, nullable=False, server_default="0"),
+    Column("termination_at", UTCDateTime(), nullable=True),
+    Column("termination_reason", Text, nullable=False, server_default=""),
+    # the first billing day is the day (in the account's zone) this row was made
+    Column("created_at", UTCDateTime(), nullable=False),
+    CheckConstraint("charge_by IN ('traffic', 'bandwidth')", name="charge_by"),
+)
+
+packages = Table(
+    "packages",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False, index=True),
+    Column("quota_bytes", BigInteger, nullable=False),
+    Column("remaining_bytes", BigInteger, nullable=False),
+    Column("activated_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("price_fen", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+payments = Table(
+    "payments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("reference", Text, nullable=False),
+    UniqueConstraint("account_id", "reference", name="uq_payments_account_reference"),
+)
+
+day_settlements = Table(
+    "day_settlements",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("day", Date, primary_key=True),  # the billing day in the account's time zone
+    Column("record", JSONDocument, nullable=False),  # rating.DayRecord, see control.billing
+    Column("settled_at", UTCDateTime(), nullable=False),
+)
+
+bill_lines = Table(
+    "bill_lines",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("day", Date, nullable=False),
+    Column("kind", Text, nullable=False),  # rating.LineKind, "package_purchase" or "refund"
+    Column("quantity", Text, nullable=False),
+    Column("unit", Text, nullable=False),
+    Column("unit_price", Text, nullable=False),
+    Column("amount_fen", BigInteger, nullable=False),  # positive: charged; negative: credited
+    Column("ref", Text, nullable=False, server_default=""),
+    Column("adjustment", Boolean, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index("ix_bill_lines_account_day", "account_id", "day"),
+)

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 from sqlalchemy import Row, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control.api import (
@@ -17,7 +18,6 @@ from control.api import (
     audit,
     caller,
     domain_name,
-    iso,
     issue_token,
     now,
     path_id,
@@ -25,6 +25,7 @@ from control.api import (
     token_response,
     writing,
 )
+from control.digits import parse_digits
 from control.models import (
     AuditPage,
     NewSubaccount,
@@ -35,7 +36,7 @@ from control.models import (
     TokenList,
 )
 from control.problems import Problem
-from control.schema import api_tokens, audit_log, subaccounts
+from control.schema import api_tokens, audit_log, iso, subaccounts
 
 routes = RouteTable()
 
@@ -88,40 +89,48 @@ async def create_subaccount(request: web.Request, body: NewSubaccount) -> web.St
             )
         )
     scopes = sorted(set(body.scopes))
-    async with writing(request) as conn:
-        taken = await conn.execute(
-            select(subaccounts.c.id).where(
-                subaccounts.c.account_id == account_id, subaccounts.c.name == body.name
-            )
-        )
-        if taken.first() is not None:
-            raise Problem(409, f"a sub-account named {body.name!r} exists or existed")
-        subaccount_id = (
-            await conn.execute(
-                insert(subaccounts)
-                .values(
-                    account_id=account_id,
-                    name=body.name,
-                    scopes=scopes,
-                    domains=limit,
-                    created_at=now(),
+    taken = f"a sub-account named {body.name!r} exists or existed"
+    try:
+        async with writing(request) as conn:
+            exists = await conn.execute(
+                select(subaccounts.c.id).where(
+                    subaccounts.c.account_id == account_id, subaccounts.c.name == body.name
                 )
-                .returning(subaccounts.c.id)
             )
-        ).scalar_one()
-        token_id, token = await issue_token(
-            conn, "subaccount", label="initial", account_id=account_id, subaccount_id=subaccount_id
-        )
-        await audit(
-            conn,
-            principal,
-            account_id,
-            "subaccount.create",
-            f"subaccount {subaccount_id}",
-            {"name": body.name, "scopes": scopes, "domains": limit},
-        )
-        await audit(conn, principal, account_id, "token.create", f"token {token_id}")
-        row = await _subaccount(conn, account_id, subaccount_id)
+            if exists.first() is not None:
+                raise Problem(409, taken)
+            subaccount_id = (
+                await conn.execute(
+                    insert(subaccounts)
+                    .values(
+                        account_id=account_id,
+                        name=body.name,
+                        scopes=scopes,
+                        domains=limit,
+                        created_at=now(),
+                    )
+                    .returning(subaccounts.c.id)
+                )
+            ).scalar_one()
+            token_id, token = await issue_token(
+                conn,
+                "subaccount",
+                label="initial",
+                account_id=account_id,
+                subaccount_id=subaccount_id,
+            )
+            await audit(
+                conn,
+                principal,
+                account_id,
+                "subaccount.create",
+                f"subaccount {subaccount_id}",
+                {"name": body.name, "scopes": scopes, "domains": limit},
+            )
+            await audit(conn, principal, account_id, "token.create", f"token {token_id}")
+            row = await _subaccount(conn, account_id, subaccount_id)
+    except IntegrityError:  # made by a concurrent request since the check (PostgreSQL)
+        raise Problem(409, taken) from None
     return token_response({"subaccount": view(row), "token": token})
 
 
@@ -315,6 +324,7 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    value = parse_digits(raw, len(str(high)))
+    if value is None or not low <= value <= high:
         raise Problem(400, f"query parameter {name!r} must be an integer from {low} to {high}")
-    return int(raw)
+    return value

@@ -127,7 +127,17 @@ def main(argv: list[str] | None = None) -> None:
         help="run the control plane (API and change feed) from a config file",
         description="Migrate the database and serve the /v1 API. SIGTERM/SIGINT: stop.",
     )
-    p_control.add_argument("--config", required=True, help="control TOML config")
+    p_control.add_argument("--config", help="control TOML config (required)")
+    control_sub = p_control.add_subparsers(dest="control_command")
+    p_settle = control_sub.add_parser(
+        "settle",
+        help="settle a billing day for every account by hand",
+        description="Settle every account's billing days up to DATE (in each account's time "
+        "zone); prints one line per account with that day's charge. Running it twice changes "
+        "nothing.",
+    )
+    p_settle.add_argument("--config", required=True, help="control TOML config")
+    p_settle.add_argument("--date", required=True, help="the billing day, YYYY-MM-DD")
     p_origin = sub.add_parser("origin", help="run the sample origin (demo and benchmarks)")
     p_origin.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 8001))
     p_origin.add_argument("--dir", type=Path, default=Path("var/demo/origin"))
@@ -151,6 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "control":
         # Alembic announces its plugins at INFO when imported: noise around a bad config's line.
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+        if args.control_command == "settle":
+            from control.billing import settle_main
+
+            sys.exit(settle_main(args.config, args.date))
+        if args.config is None:
+            p_control.error("the following arguments are required: --config")
         from control.server import main as control_main
 
         sys.exit(control_main(args.config, args.loop))

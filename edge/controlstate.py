@@ -13,10 +13,11 @@ not take a worker down (a domain `parse_domain` refuses is served as absent, 404
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import unquote_to_bytes
 
 from edge.cachekey import cache_key, normalize_path
 from edge.config import DomainConfig, InvalidValue, parse_domain
@@ -38,15 +39,16 @@ class Gate:
     """Admission for a served domain that is not plainly open: suspended, or blocks."""
 
     suspended: str | None  # the reason, when suspended
-    exact: Mapping[str, str]  # normalised path -> block reason
-    prefixes: tuple[tuple[str, str], ...]  # (normalised path prefix, block reason)
+    exact: Mapping[str, str]  # canonical path -> block reason
+    prefixes: tuple[tuple[str, str], ...]  # (canonical path prefix, block reason)
 
     def refusal(self, path: str) -> tuple[int, str] | None:
         """(status, body text) refusing a request for `path` (no query), or None to serve.
-        The path is normalised first, so that %-encoding cannot step around a block."""
+        The path is made canonical first, as an origin would resolve it, so that neither
+        %-escapes nor dot segments nor doubled slashes step around a block."""
         if self.suspended is not None:
             return 403, _with_reason("domain suspended", self.suspended)
-        path = normalize_path(path)
+        path = canonical_path(path)
         reason = self.exact.get(path)
         if reason is None:
             reason = next((r for prefix, r in self.prefixes if path.startswith(prefix)), None)
@@ -64,6 +66,9 @@ class Purge:
     kind: Literal["url", "prefix", "tag"]
     key: str
     tag: str = ""
+
+
+EVERYTHING = Purge("prefix", "")  # every object of every domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +102,12 @@ def build(
         patterns = blocks.get(name, {})
         if entry.state == "suspended" or patterns:
             exact = {
-                normalize_path(p.partition("?")[0]): r
+                canonical_path(p.partition("?")[0]): r
                 for p, r in patterns.items()
                 if not p.endswith("*")
             }
             prefixes = tuple(
-                (normalize_path(p[:-1].partition("?")[0]), r)
+                (_canonical_prefix(p[:-1].partition("?")[0]), r)
                 for p, r in patterns.items()
                 if p.endswith("*")
             )
@@ -118,6 +123,37 @@ def build(
 
 
 EMPTY = build(0, {}, {})
+
+
+def canonical_path(path: str) -> str:
+    """The path an origin may resolve `path` to, for legal blocks: every %-escape decoded
+    once (%2F and %2E too, one character per byte, invalid ones kept), repeated slashes
+    collapsed, then dot segments resolved (RFC 3986 5.2.4; '..' stops at the root)."""
+    if (
+        path[:1] == "/"
+        and path.isascii()
+        and "%" not in path
+        and "//" not in path
+        and "/." not in path
+    ):
+        return path  # the common case: already canonical
+    segments = unquote_to_bytes(path).decode("latin-1").split("/")
+    out: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment and segment != ".":
+            out.append(segment)
+    trailing = bool(out) and segments[-1] in ("", ".", "..")
+    return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+def _canonical_prefix(prefix: str) -> str:
+    """A block prefix made canonical up to its last slash; what follows is the start of a
+    segment, not a dot segment ("/files/.*" blocks dot files, not all of /files/)."""
+    head, _, tail = prefix.rpartition("/")
+    return canonical_path(head + "/") + unquote_to_bytes(tail).decode("latin-1")
 
 
 def parse_state(raw: Mapping[str, Any]) -> Applied:
@@ -138,10 +174,14 @@ def parse_state(raw: Mapping[str, Any]) -> Applied:
     return Applied(build(int(raw.get("version", 0)), domains, blocks), (), tuple(problems))
 
 
-def apply_snapshot(old: ControlState, raw: Mapping[str, Any]) -> Applied:
+def apply_snapshot(old: ControlState, raw: Mapping[str, Any], *, flush: bool = False) -> Applied:
     """A snapshot replacing `old` wholesale: the domains it deleted or terminated meanwhile
-    (changes this worker never saw) are purged, as the changes themselves would have."""
+    (changes this worker never saw) are purged, as the changes themselves would have. With
+    `flush` purges may have been missed too (the edge was not following): everything stored
+    before it goes, whatever domain, one that neither state names any more included."""
     applied = parse_state(raw)
+    if flush:
+        return Applied(applied.state, (EVERYTHING,), applied.problems)
     new = applied.state.domains
     purges = tuple(
         Purge("prefix", name + "/")
@@ -163,37 +203,74 @@ def apply(state: ControlState, version: int, kind: str, payload: Mapping[str, An
     blocks = {d: dict(p) for d, p in state.blocks.items()}
     purges: list[Purge] = []
     try:
+        purges.extend(_change_purges(state.domains, kind, payload, problems))
         if kind == "domain.upsert":
             entry = _domain_entry(payload["domain"], problems)
             if entry is not None:
                 domains[entry.name] = entry
-                if entry.state == "terminated":
-                    purges.append(Purge("prefix", entry.name + "/"))
         elif kind == "domain.delete":
-            name = _name(payload["name"])
-            domains.pop(name, None)
-            purges.append(Purge("prefix", name + "/"))
+            domains.pop(_name(payload["name"]), None)
         elif kind == "domain.state":
             name, new_state = _name(payload["name"]), _state(payload["state"])
-            if name in domains:
+            if new_state == "terminated":  # known or not: final, and purged
+                domains[name] = DomainEntry(name, None, new_state, _reason(payload))
+            elif name in domains:
                 domains[name] = _replace_state(domains[name], new_state, _reason(payload))
-                if new_state == "terminated":
-                    purges.append(Purge("prefix", name + "/"))
             else:
                 problems.append(f"change {version}: state of unknown domain {name!r}")
-        elif kind == "purge":
-            purges.extend(_purges(domains, payload, problems))
         elif kind == "block":
             blocks.setdefault(_name(payload["domain"]), {})[str(payload["pattern"])] = _reason(
                 payload
             )
         elif kind == "unblock":
             blocks.get(_name(payload["domain"]), {}).pop(str(payload["pattern"]), None)
-        elif kind != "prefetch":  # prefetch is the supervisor's
+        elif kind not in ("purge", "prefetch"):  # prefetch is the supervisor's
             problems.append(f"change {version}: unknown kind {kind!r}")
     except _BAD as e:
         problems.append(f"change {version} ({kind}): {_explain(e)}")
     return Applied(build(version, domains, blocks), tuple(purges), tuple(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The purges of replayed changes, each with its change's version."""
+
+    purges: tuple[tuple[int, Purge], ...]
+    version: int  # the newest replayed change's, or the state's when none
+    problems: tuple[str, ...] = ()
+
+
+def replay(state: ControlState, changes: Iterable[Any]) -> Replay:
+    """The purge part of changes a worker may have missed while it was not running, whatever
+    their versions (its state is newer: the rest of them is already in it)."""
+    purges: list[tuple[int, Purge]] = []
+    problems: list[str] = []
+    version = None
+    for change in changes:
+        try:
+            number = int(change["version"])
+            found = _change_purges(state.domains, change["kind"], change["payload"], problems)
+        except _BAD as e:
+            problems.append(f"replayed change {change!r:.200}: {_explain(e)}")
+            continue
+        purges.extend((number, purge) for purge in found)
+        version = number if version is None else max(version, number)
+    return Replay(tuple(purges), state.version if version is None else version, tuple(problems))
+
+
+def _change_purges(
+    domains: Mapping[str, DomainEntry], kind: str, payload: Mapping[str, Any], problems: list[str]
+) -> list[Purge]:
+    """What a change removes from the cache: purges, and every object of a domain deleted or
+    terminated (agreement 6.3)."""
+    if kind == "purge":
+        return _purges(domains, payload, problems)
+    if kind == "domain.delete":
+        return [Purge("prefix", _name(payload["name"]) + "/")]
+    item = payload["domain"] if kind == "domain.upsert" else payload
+    if kind in ("domain.upsert", "domain.state") and _state(item["state"]) == "terminated":
+        return [Purge("prefix", _name(item["name"]) + "/")]
+    return []
 
 
 def _purges(
@@ -222,11 +299,15 @@ def _purges(
 
 
 def _domain_entry(item: Any, problems: list[str]) -> DomainEntry | None:
-    """A DOMAIN; a config parse_domain refuses is kept with config None (absent, 404)."""
+    """A DOMAIN; a config parse_domain refuses is kept with config None (absent, 404). A
+    terminated domain is never served again: its config (the control plane omits it) is
+    not read."""
     try:
         name = _name(item["name"])
         state = _state(item["state"])
         reason = _reason(item)
+        if state == "terminated":
+            return DomainEntry(name, None, state, reason)
         config_table = dict(item["config"])
     except _BAD as e:
         problems.append(f"domain {item!r:.200}: {_explain(e)}")

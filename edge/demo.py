@@ -65,6 +65,8 @@ async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
         database=f"sqlite:///{database}",
         admin_token=tokens.admin,
         cname_suffix="cdn.demo.test",
+        # The demo's origin is on loopback, which the control plane refuses by default.
+        origin_deny=(),
     )
     control = web.AppRunner(make_app(control_config), access_log=None)
     edge: asyncio.subprocess.Process | None = None

@@ -556,14 +556,11 @@ class DiskStore:
         entries = _walk(self._objects)
         removed = 0
         while (step := await asyncio.to_thread(self._sweep_step, entries, doomed)) is not None:
-            for oid, path, ino in step:
+            for oid, freed in step:
                 self._forget(oid)
-                try:
-                    freed = _unlink_same(path, ino)  # not a newer object stored meanwhile
-                except OSError as e:
-                    self._write_failed(e)
-                    continue
-                if freed is not None:
+                if isinstance(freed, OSError):
+                    self._write_failed(freed)
+                elif freed is not None:
                     self._count(-freed)
                     removed += 1
         return removed
@@ -644,10 +641,13 @@ class DiskStore:
     @staticmethod
     def _sweep_step(
         entries: Iterator[os.DirEntry[str]], doomed: Callable[[ObjectMeta], bool]
-    ) -> list[tuple[str, Path, int]] | None:
-        """One sweep step, in a thread: (id, path, inode) of the doomed objects of a batch of
-        files; None when the walk is over. Unreadable and corrupt files are left to lookups."""
-        found: list[tuple[str, Path, int]] = []
+    ) -> list[tuple[str, int | OSError | None]] | None:
+        """One sweep step, in a thread: removes the doomed objects of a batch of files, each
+        while its descriptor is open, so that its inode cannot be reused by a newer object
+        stored at the same path meanwhile (which stays). (id, usage freed, or the error, or
+        None if it was gone or replaced) of each; None when the walk is over. Unreadable and
+        corrupt files are left to lookups."""
+        found: list[tuple[str, int | OSError | None]] = []
         seen = 0
         for entry in itertools.islice(entries, _REBUILD_BATCH):
             seen += 1
@@ -660,7 +660,12 @@ class DiskStore:
             try:
                 meta = _decode_meta(_read_head(fd)[0])
                 if doomed(meta):
-                    found.append((entry.name, Path(entry.path), os.fstat(fd).st_ino))
+                    freed: int | OSError | None
+                    try:
+                        freed = _unlink_same(Path(entry.path), os.fstat(fd).st_ino)
+                    except OSError as e:
+                        freed = e
+                    found.append((entry.name, freed))
             except (OSError, _Corrupt):
                 pass
             finally:

@@ -1,13 +1,24 @@
 """The edge's side of the control plane's change feed (control/README.md, "The edge's side").
 
-The supervisor owns one `ControlFollower`. It holds `GET /v1/edge/events?since=V`, applies each
-snapshot and change to its STATE strictly in version order, keeps STATE on disk
+The supervisor owns one `ControlFollower`. It holds `GET /v1/edge/events?since=V&at=AT`, applies
+each snapshot and change to its STATE strictly in version order, keeps STATE on disk
 (state_dir/control/state.json, replaced atomically, so that an edge restarted while the control
 plane is down serves what it had: fail-static), hands every event to the supervisor (which
 sends it to the workers), and acks the newest version that is both on disk and applied by every
-worker. Any trouble (refused token, a gap in the versions, silence past `read_timeout`) drops
-the connection, and the follower reconnects with `since` = its version after a jittered,
-capped backoff.
+worker (the supervisor's `applied`, which does not move while no worker is live, so with
+`workers = 1` nothing is acked while that worker restarts).
+
+`at`, the creation time of the change at version V, lets the control plane see that this edge's
+version V is not its own (it was restored from an older backup and wrote other changes since):
+it then answers with a snapshot. Every snapshot may hide purges this edge never heard of, so it
+makes a flush owed (the workers ban everything stored before it) until the supervisor says the
+workers did it. The purges the lead worker has not yet stored durably (`unled`) are kept too:
+both live in state.json next to STATE, so that a crash loses neither.
+
+Any trouble (refused token, a gap in the versions, silence past `read_timeout`) drops the
+connection, and the follower reconnects with `since` = its version after a jittered, capped
+backoff; an event it cannot parse or apply makes it ask for a snapshot instead (`since=0`), as
+asking from the same version would bring the same event back.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +41,8 @@ from edge.config import ControlSettings
 
 log = logging.getLogger("edge.follow")
 
-State = dict[str, Any]  # {"version": V, "domains": [DOMAIN...], "blocks": [BLOCK...]}
-Change = dict[str, Any]  # {"version": V, "kind": K, "payload": P}
+State = dict[str, Any]  # {"version": V, "at": AT | None, "domains": [...], "blocks": [...]}
+Change = dict[str, Any]  # {"version": V, "kind": K, "payload": P}, and "at" on the feed
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
@@ -42,11 +53,26 @@ MAX_EVENT_BYTES = 2**26
 
 
 def empty_state() -> State:
-    return {"version": 0, "domains": [], "blocks": []}
+    return {"version": 0, "at": None, "domains": [], "blocks": []}
+
+
+def purges(change: Change) -> bool:
+    """Whether the change removes cached objects (control/README.md, "Changes")."""
+    kind, payload = change["kind"], change["payload"]
+    return (
+        kind in ("purge", "domain.delete")
+        or (kind == "domain.state" and payload.get("state") == "terminated")
+        or (kind == "domain.upsert" and payload.get("domain", {}).get("state") == "terminated")
+    )
 
 
 class ProtocolError(Exception):
     """The control plane said something the edge cannot follow; the feed is reconnected."""
+
+
+class BadEvent(ProtocolError):
+    """An event the edge cannot parse or apply: asking from the same version would bring it
+    back, so the follower asks for a snapshot."""
 
 
 class Refused(ProtocolError):
@@ -81,7 +107,7 @@ class SseParser:
 
     Lines end in LF or CRLF; comment lines (":" first, the heartbeats) and unknown fields are
     skipped; an event without data is not dispatched. An event larger than `limit` bytes is a
-    ProtocolError, so a broken control plane cannot make the edge buffer without bound.
+    BadEvent, so a broken control plane cannot make the edge buffer without bound.
     """
 
     def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
@@ -103,13 +129,13 @@ class SseParser:
             try:
                 event = self._line(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                raise ProtocolError(f"the feed is not UTF-8: {exc}") from None
+                raise BadEvent(f"the feed is not UTF-8: {exc}") from None
             if event is not None:
                 events.append(event)
         del self._buffer[:start]
         self._scanned = len(self._buffer)
         if self._size + len(self._buffer) > self._limit:
-            raise ProtocolError(f"an event larger than {self._limit} bytes")
+            raise BadEvent(f"an event larger than {self._limit} bytes")
         return events
 
     def _line(self, line: str) -> SseEvent | None:
@@ -169,15 +195,17 @@ def _put(items: list[dict[str, Any]], item: dict[str, Any], same: Callable[[Any]
 
 
 def check_state(state: object) -> State:
-    """`state` if it has STATE's shape, else ValueError."""
+    """`state` if it has STATE's shape (a missing "at" becomes None), else ValueError."""
     if (
         not isinstance(state, dict)
         or not isinstance(state.get("version"), int)
         or state["version"] < 0
+        or not isinstance(state.get("at"), str | None)
         or not isinstance(state.get("domains"), list)
         or not isinstance(state.get("blocks"), list)
     ):
-        raise ValueError("not a STATE object (version, domains, blocks)")
+        raise ValueError("not a STATE object (version, at, domains, blocks)")
+    state.setdefault("at", None)
     return state
 
 
@@ -202,10 +230,39 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def load_state(path: Path) -> State | None:
-    """The STATE saved at `path`; None when there is none or it is unusable (logged)."""
+@dataclass(slots=True)
+class Saved:
+    """state.json: STATE, whether a flush is owed, the purges no lead stored yet."""
+
+    state: State
+    flush: bool = False
+    unled: list[Change] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        """STATE's fields with "flush" and "unled" beside them (a file without them, from an
+        older edge, loads as owing nothing)."""
+        body = {**self.state, "flush": self.flush, "unled": self.unled}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def load_saved(path: Path) -> Saved | None:
+    """What was saved at `path`; None when there is none or it is unusable (logged)."""
     try:
-        return check_state(json.loads(path.read_bytes()))
+        raw = json.loads(path.read_bytes())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        flush, unled = raw.pop("flush", False), raw.pop("unled", [])
+        if not isinstance(flush, bool) or not isinstance(unled, list):
+            raise ValueError("flush or unled malformed")
+        for change in unled:
+            if not (
+                isinstance(change, dict)
+                and isinstance(change.get("version"), int)
+                and isinstance(change.get("kind"), str)
+                and isinstance(change.get("payload"), dict)
+            ):
+                raise ValueError(f"unled change {change!r:.100}")
+        return Saved(check_state(raw), flush, unled)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -224,10 +281,12 @@ def jittered(delay: float) -> float:
 class ControlFollower:
     """Follows the feed into STATE, saves it, and acks what every worker applied.
 
-    `on_state(STATE)` is called after a snapshot replaced the whole state, `on_change(CHANGE)`
-    after each change was applied to it, both before the version is saved (the supervisor sends
-    them on; the ack waits for the file). `applied()` is the newest version every worker
-    enforces; call `poke()` whenever it may have grown.
+    `on_state(STATE)` is called after a snapshot replaced the whole state (a flush is then
+    owed), `on_change(CHANGE)` after each change was applied to it (a purging one is then in
+    `unled`), both before the version is saved (the supervisor sends them on; the ack waits for
+    the file). `applied()` is the newest version every worker enforces; call `poke()` whenever
+    it may have grown, `led(V)` when the lead worker stored the purges up to V durably,
+    `flushed()` when every worker did the flush.
     """
 
     def __init__(
@@ -243,6 +302,9 @@ class ControlFollower:
         self.path = Path(state_dir) / "control" / "state.json"
         self.state: State = empty_state()
         self.has_state = False  # from the file or a snapshot; empty_state() is not one
+        self.flush_owed = False  # a snapshot came that the workers have not all flushed for
+        self.unled: list[Change] = []  # purging changes the lead has not stored durably
+        self.bad_events = 0  # events that could not be parsed or applied
         self.connected = False
         self.persisted = -1  # the version on disk
         self.acked = 0
@@ -259,6 +321,7 @@ class ControlFollower:
         self._closing = False
         self._problem = ""  # the last connection problem logged (each is logged once)
         self._heard = False
+        self._resync = False  # ask for a snapshot next: a bad event came, or a 400
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -274,10 +337,11 @@ class ControlFollower:
 
     def load(self) -> bool:
         """Take the saved STATE, if there is one (before `start`)."""
-        state = load_state(self.path)
-        if state is None:
+        saved = load_saved(self.path)
+        if saved is None:
             return False
-        self.state, self.has_state, self.persisted = state, True, state["version"]
+        self.state, self.has_state, self.persisted = saved.state, True, saved.state["version"]
+        self.flush_owed, self.unled = saved.flush, saved.unled
         self._has_state.set()
         return True
 
@@ -322,6 +386,19 @@ class ControlFollower:
         """What every worker applied may have grown: ack if there is something new."""
         self._ack_wanted.set()
 
+    def led(self, version: int) -> None:
+        """The lead worker stored the purges of every version up to `version` durably."""
+        kept = [change for change in self.unled if change["version"] > version]
+        if len(kept) < len(self.unled):
+            self.unled = kept
+            self._edited()
+
+    def flushed(self) -> None:
+        """Every worker did the flush the last snapshot asked for."""
+        if self.flush_owed:
+            self.flush_owed = False
+            self._edited()
+
     # --- feed ---------------------------------------------------------------------------------
 
     async def _follow(self) -> None:
@@ -330,6 +407,14 @@ class ControlFollower:
             self._heard = False
             try:
                 await self._follow_once()
+            except BadEvent as exc:
+                self.bad_events += 1
+                self._resync, self._heard = True, False  # the backoff grows: it may come again
+                log.error(
+                    "control plane %s sent an event this edge cannot use (%s): asking for a "
+                    "snapshot",
+                    self.settings.url, exc,
+                )  # fmt: skip
             except Refused as exc:
                 self._report(str(exc), logging.ERROR)
             except ProtocolError as exc:
@@ -353,21 +438,25 @@ class ControlFollower:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=CONNECT_TIMEOUT, sock_read=self.settings.read_timeout
         )
+        since, at = (0, None) if self._resync else (self.version, self.state["at"])
+        params = {"since": str(since)} | ({"at": at} if at is not None else {})
         try:
             async with self.session().get(
-                url, params={"since": str(self.version)}, timeout=timeout, allow_redirects=False
+                url, params=params, timeout=timeout, allow_redirects=False
             ) as resp:
                 if resp.status in (401, 403):
                     raise Refused(
                         f"the control plane refused this edge's token (HTTP {resp.status}); "
                         "check [control] token or CDN_EDGE_TOKEN"
                     )
+                if resp.status == 400:  # an unusable `at`, maybe: ask for a snapshot instead
+                    self._resync = True
                 if resp.status != 200:
                     raise ProtocolError(f"HTTP {resp.status} from {url}")
                 self._contact()
                 self.connected = True
                 self._connected_once.set()
-                log.info("following the control plane at %s from version %d", url, self.version)
+                log.info("following the control plane at %s from version %d", url, since)
                 self._problem = ""
                 parser = SseParser()
                 async for chunk in resp.content.iter_any():
@@ -394,26 +483,36 @@ class ControlFollower:
         try:
             if event.event == "snapshot":
                 state = check_state(json.loads(event.data))
-                self.state, self.has_state = state, True
+                self.state, self.has_state, self._resync = state, True, False
+                # Purges may have been missed, whether a state was replaced or none was kept
+                # (a disk cache may remain): the flush covers them and the unled ones.
+                self.flush_owed, self.unled = True, []
                 # A restored control plane may go back: its version is then acked anew.
                 self.acked = min(self.acked, state["version"] - 1)
                 self._edited()
                 self._has_state.set()
                 self._on_state(state)
             elif event.event == "change":
-                change = json.loads(event.data)
-                version = change["version"]
+                data = json.loads(event.data)
+                version, at = data["version"], data.get("at")
                 current = self.version
-                if not isinstance(version, int) or version <= current:
+                if not isinstance(version, int) or not isinstance(at, str | None):
+                    raise ValueError(f"version {version!r}, at {at!r}")
+                if version <= current:
                     return  # already applied (a replay after a reconnect)
                 if version != current + 1:
                     raise ProtocolError(f"change {version} follows version {current}")
+                change = {"version": version, "kind": data["kind"], "payload": data["payload"]}
+                if not isinstance(change["kind"], str) or not isinstance(change["payload"], dict):
+                    raise ValueError("kind or payload malformed")
                 apply_change(self.state, change["kind"], change["payload"])
-                self.state["version"] = version
+                self.state["version"], self.state["at"] = version, at
+                if purges(change):
+                    self.unled.append(change)
                 self._edited()
                 self._on_change(change)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ProtocolError(f"malformed {event.event} event: {exc!r}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BadEvent(f"malformed {event.event} event: {exc!r}") from None
 
     # --- saving and acking --------------------------------------------------------------------
 
@@ -429,7 +528,7 @@ class ControlFollower:
             self._dirty.clear()
             if self._edits != self._saved:
                 edits, version = self._edits, self.version
-                data = json.dumps(self.state, separators=(",", ":")).encode()
+                data = Saved(self.state, self.flush_owed, self.unled).encode()
                 try:
                     await asyncio.to_thread(write_atomically, self.path, data)
                 except OSError as exc:

@@ -23,6 +23,7 @@ from edge.fetch import OriginClient, OriginError
 from edge.fill import Fill, FillError
 from edge.metrics import EdgeStats
 from edge.server import Exchange
+from edge.slices import SLICE_MARK
 from edge.store import VIA, replay_block
 from edge.tiers import Tiers
 
@@ -114,8 +115,10 @@ class Passing(Delivery):
         `disk`; a fetch of them in flight may finish for its clients but stores nothing."""
         doomed = set(keys)
         self.tiers.forget(doomed, disk=disk)
-        # A Vary variant's fetch is "key\nvalues" (`Fills.miss`).
-        self.invalidate_fills(lambda busy_key: busy_key.partition("\n")[0] in doomed)
+        # A Vary variant's fetch is "key\nvalues" (`Fills.miss`), a slice's "key#slice=...".
+        self.invalidate_fills(
+            lambda busy_key: busy_key.partition("\n")[0].partition(SLICE_MARK)[0] in doomed
+        )
 
     def invalidate_fills(self, doomed: Callable[[str], bool]) -> None:
         """Fetches in flight of the keys `doomed` accepts finish for their clients but store
@@ -176,7 +179,7 @@ def _same_host_path(url: str, host: str) -> str | None:
         return url
     for scheme in ("http://", "https://"):
         if url.lower().startswith(scheme):
-            authority, slash, rest = url[len(scheme):].partition("/")
+            authority, slash, rest = url[len(scheme) :].partition("/")
             if authority.lower().split(":")[0] == host:
                 return "/" + rest if slash else "/"
     return None

@@ -11,7 +11,11 @@ stored object counts as absent once a ban issued after it was stored matches it.
   the walk is done its bans sit in `state_dir/control/bans.json` (written atomically), so that a
   restart does not bring purged disk objects back; a finished walk drops its bans.
 - The other workers drop a ban once that file shows the lead has applied it (`version`) and no
-  longer lists it, checked on each change.
+  longer lists it, checked on each change (the file read again only when it changed). A ban of
+  everything (a flushed snapshot, after which versions may start over) they keep until a newer
+  one replaces it: it costs one check per object stored before it.
+- The file is written and read in a thread, off the request loop; a burst of changes makes one
+  write, and the lead answers a change `applied` only once the write holding it is durable.
 
 A url purge is also a ban, though it needs no walk: the lead removes the key's files at once,
 and the ban covers, for URL_BAN_KEEP seconds, what another worker fetched in the instant before
@@ -63,6 +67,11 @@ class Ban:
         return self.kind == "prefix" or (bool(tags) and self.tag in tags.split("\n"))
 
     @property
+    def everything(self) -> bool:
+        """A ban of every object of every domain (a flushed snapshot)."""
+        return self.kind == "prefix" and not self.key
+
+    @property
     def ident(self) -> tuple[int, str, str, str]:
         """The ban across workers, whose clocks issued it at slightly different times."""
         return self.version, self.kind, self.key, self.tag
@@ -85,6 +94,8 @@ class BanList:
             if old is None or old.time <= ban.time:
                 self._urls[ban.key] = ban
         else:
+            if ban.everything:  # covers every older ban of everything
+                self._others = [b for b in self._others if not b.everything or b.time > ban.time]
             self._others.append(ban)
         self.newest = max(self.newest, ban.time)
 
@@ -114,59 +125,94 @@ class BanList:
         return len(self._urls) + len(self._others)
 
 
-def bans_for(purges: Iterable[Purge], version: int, now: float) -> list[Ban]:
-    return [Ban(version, p.kind, p.key, p.tag, now) for p in purges]
+def bans_for(purges: Iterable[tuple[int, Purge]], now: float) -> list[Ban]:
+    """Bans of (change version, purge) pairs, issued `now`: a purge's ban is never older than
+    the purge (a later one bans more, never less)."""
+    return [Ban(version, p.kind, p.key, p.tag, now) for version, p in purges]
 
 
 class BanKeeper:
     """A worker's ban list over time: adding bans, the lead's lurker and ban file, and the
-    other workers' pruning by that file. Owns the lurker task (`close` cancels and awaits it)."""
+    other workers' pruning by that file. The file is written and read in a thread, never on
+    the request loop, one write for a burst of changes (`written` says when a change is
+    durable). Owns its background tasks (`close` writes what is pending, then stops)."""
 
     def __init__(self, tiers: Tiers, state_dir: str) -> None:
         self.tiers = tiers
         self.path = Path(state_dir) / BAN_FILE
         self._lurk: asyncio.Task[None] | None = None
+        self._lead = False
+        # The newest version of a ban this worker applied (since the last ban of everything,
+        # which starts versions over: `_reset`), the lead's file's version.
+        self._version = -1
+        self._reset = False
+        self._next: asyncio.Future[None] | None = None  # done by the next write to start
+        self._writer: asyncio.Task[None] | None = None
+        self._prune_asked = False
+        self._pruner: asyncio.Task[None] | None = None
+        # The file as last read, (inode, size, mtime) and contents: one assignment, as two
+        # threads may read it (a worker that stopped or started leading).
+        self._read: tuple[tuple[int, int, int] | None, tuple[int, list[Ban]]] = (None, (-1, []))
 
     def load(self) -> None:
         """At start: the bans a lead left unfinished (its disk walk did not end)."""
-        self.tiers.bans = BanList(self._read()[1])
-        if len(self.tiers.bans):
-            log.info("%d bans left from before the restart", len(self.tiers.bans))
+        left = self._read_changed()[1]
+        for ban in left:
+            self.tiers.bans.add(ban)
+        if left:
+            log.info("%d bans left from before the restart", len(left))
 
-    def add(self, bans: list[Ban], *, lead: bool) -> None:
+    def add(self, bans: list[Ban], *, lead: bool) -> asyncio.Future[None] | None:
         """Enforce `bans` from now on (called on every change, with or without bans). The lead
-        persists them and walks the disk for them; another worker prunes its list."""
+        persists them and walks the disk for them; another worker prunes its list. Returns
+        what is done once the lead's file holds them, None when there is nothing to write."""
+        became_lead, self._lead = lead and not self._lead, lead
         for ban in bans:
             self.tiers.bans.add(ban)
+            if ban.everything:  # a flush: the control plane's versions may have started over
+                self._version, self._reset = ban.version, True
+            else:
+                self._version = max(self._version, ban.version)
         if not lead:
-            self._prune()
-            return
+            self._prune_soon()
+            return None
         current = self.tiers.bans
         expired = time.time() - URL_BAN_KEEP
         if any(b.kind == "url" and b.time < expired for b in current):
             self.tiers.bans = BanList(b for b in current if b.kind != "url" or b.time >= expired)
-        if bans or len(self.tiers.bans) < len(current):
-            self._write(max((b.version for b in bans), default=-1))
         if self.tiers.bans.walks and (self._lurk is None or self._lurk.done()):
             self._lurk = asyncio.create_task(self._lurker(), name="ban-lurker")
-
-    def _prune(self) -> None:
-        """Drop the bans the lead has finished with (applied, and gone from its file).
-        Without the file (no lead yet) every ban stays."""
-        bans = self.tiers.bans
-        if not len(bans):
-            return
-        version, pending = self._read()
-        kept = {b.ident for b in pending}
-        left = [b for b in bans if b.version > version or b.ident in kept]
-        if len(left) < len(bans):
-            self.tiers.bans = BanList(left)
+        if bans or len(self.tiers.bans) < len(current) or (became_lead and len(current)):
+            return self._persist()
+        return None
 
     async def close(self) -> None:
-        if self._lurk is not None:
-            self._lurk.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lurk
+        for task in (self._lurk, self._pruner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._writer is not None:  # the bans of the last changes reach the file
+            await self._writer
+
+    def _prune_soon(self) -> None:
+        """Drop, in the background, the bans the lead has finished with (applied, and gone
+        from its file). Without the file (no lead yet) every ban stays."""
+        if not len(self.tiers.bans):
+            return
+        self._prune_asked = True
+        if self._pruner is None or self._pruner.done():
+            self._pruner = asyncio.create_task(self._prune(), name="ban-prune")
+
+    async def _prune(self) -> None:
+        while self._prune_asked:
+            self._prune_asked = False
+            version, pending = await asyncio.to_thread(self._read_changed)
+            kept = {b.ident for b in pending}
+            bans = self.tiers.bans
+            left = [b for b in bans if b.version > version or b.ident in kept or b.everything]
+            if len(left) < len(bans):
+                self.tiers.bans = BanList(left)
 
     async def _lurker(self) -> None:
         """Walk the disk for the current bans (url ones ride along); drop them when done;
@@ -182,9 +228,9 @@ class BanKeeper:
                 except OSError as e:  # the bans stay (checked at lookup), persisted
                     log.warning("purge: disk walk failed: %s", e)
                     return
-            done = {b.ident for b in batch}
-            self.tiers.bans = BanList(b for b in self.tiers.bans if b.ident not in done)
-            self._write(max(b.version for b in batch))
+            done = set(batch)  # not by ident: a flush again at the same version is newer
+            self.tiers.bans = BanList(b for b in self.tiers.bans if b not in done)
+            self._persist()
             log.info(
                 "purge: %d bans done, %d disk objects removed in %.1f s",
                 len(batch),
@@ -192,23 +238,48 @@ class BanKeeper:
                 time.monotonic() - started,
             )
 
-    def _read(self) -> tuple[int, list[Ban]]:
-        """The lead's file: the last version it applied and its unfinished bans."""
+    def _persist(self) -> asyncio.Future[None]:
+        """Have the lead's bans written; one write covers every ask made before it starts."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_all(), name="ban-writer")
+        return self._next
+
+    async def _write_all(self) -> None:
+        while (done := self._next) is not None:
+            self._next = None
+            reset, self._reset = self._reset, False
+            try:
+                bans = list(self.tiers.bans)
+                await asyncio.to_thread(self._write, bans, self._version, reset)
+            finally:
+                done.set_result(None)  # a failed write is logged: the change still applies
+
+    def _read_changed(self) -> tuple[int, list[Ban]]:
+        """The lead's file, read again only when it changed: the last version it applied
+        and its unfinished bans."""
         try:
-            raw = json.loads(self.path.read_bytes())
-            return int(raw["version"]), [Ban(**b) for b in raw["bans"]]
+            st = os.stat(self.path)
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if seen != self._read[0]:
+                raw = json.loads(self.path.read_bytes())
+                self._read = seen, (int(raw["version"]), [Ban(**b) for b in raw["bans"]])
         except FileNotFoundError:
-            return -1, []
+            self._read = None, (-1, [])
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable %s: %s", self.path, e)
-            return -1, []
+            self._read = None, (-1, [])
+        return self._read[1]
 
-    def _write(self, version: int) -> None:
-        """Persist this lead's bans: temp file, fsync, rename (never half a file)."""
-        version = max(version, self._read()[0])
+    def _write(self, bans: list[Ban], version: int, reset: bool) -> None:
+        """Persist this lead's bans: temp file, fsync, rename, fsync of the directory (never
+        half a file, and durable once this returns). In a thread. The version never goes
+        back (another worker may have led before), unless `reset` by a flush."""
+        if not reset:
+            version = max(version, self._read_changed()[0])
         data = json.dumps(
-            {"version": version, "bans": [asdict(b) for b in self.tiers.bans]},
-            separators=(",", ":"),
+            {"version": version, "bans": [asdict(b) for b in bans]}, separators=(",", ":")
         ).encode()
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
@@ -218,5 +289,10 @@ class BanKeeper:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
             log.warning("cannot persist bans to %s: %s", self.path, e)

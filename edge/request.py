@@ -36,7 +36,7 @@ from cachetools import TTLCache
 from edge import policy
 from edge.cachekey import cache_key, normalize_path
 from edge.config import CacheRule, DomainConfig, EdgeConfig
-from edge.controlstate import ControlState, Gate, Purge
+from edge.controlstate import ControlState, Gate
 from edge.deliver import Delivery, _closing
 from edge.fetch import OriginClient
 from edge.fill import Fill
@@ -44,7 +44,7 @@ from edge.metrics import EdgeStats
 from edge.miss import Fills
 from edge.passing import Passing
 from edge.policy import RequestDirectives
-from edge.purge import NEVER, BanKeeper, BanList, bans_for
+from edge.purge import NEVER, Ban, BanKeeper, BanList
 from edge.server import Exchange, synth_fields
 from edge.sliced import Slice, Slicing
 from edge.store import CachedObject, MemoryTier
@@ -94,11 +94,11 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         self.config = replace(self.config, domains=state.serving)
         self.gates = state.gates
 
-    def purge(self, purges: tuple[Purge, ...], version: int, *, lead: bool) -> None:
-        """Remove what `purges` name, now: every variant and slice in this process's memory
+    def purge(self, bans: list[Ban], *, lead: bool) -> asyncio.Future[None] | None:
+        """Remove what `bans` name, now: every variant and slice in this process's memory
         (and the disk's files of url purges when `lead`), no fetch in flight storing them; and
-        keep them banned until the disk holds none (`edge.purge`). Called for every change."""
-        bans = bans_for(purges, version, time.time())
+        keep them banned until the disk holds none (`edge.purge`). Called for every change;
+        returns what is done once the lead's ban file holds them (None: nothing to wait for)."""
         urls = [ban.key for ban in bans if ban.kind == "url"]
         if urls:
             self.forget(urls, disk=lead)
@@ -108,7 +108,7 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
             # A fetch's tags are not known before its head: a tag purge stops the domain's.
             prefixes = tuple(ban.key for ban in others)
             self.invalidate_fills(lambda busy_key: busy_key.startswith(prefixes))
-        self.bans.add(bans, lead=lead)
+        return self.bans.add(bans, lead=lead)
 
     async def close(self) -> None:
         """Cancel and await every fill and background revalidation this proxy owns."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -111,14 +112,18 @@ class Slicing(Fills):
         total = first.span.total
         ranges = parse_range(range_value, total) if range_value else None
         if_range = fields.get("if-range")
-        if ranges is not None and if_range is not None and not if_range_allows(
-            if_range, first.obj.headers
+        if (
+            ranges is not None
+            and if_range is not None
+            and not if_range_allows(if_range, first.obj.headers)
         ):
             ranges = None
         age = int(first.obj.age(time.time()))
         status_value = policy.cache_status(
-            hit=first.hit, fwd=None if first.hit else "uri-miss",
-            fwd_status=None if first.hit else 206, stored=not first.hit and first.stored,
+            hit=first.hit,
+            fwd=None if first.hit else "uri-miss",
+            fwd_status=None if first.hit else 206,
+            stored=not first.hit and first.stored,
             ttl=int(first.obj.lifetime) - age if first.hit or first.stored else None,
             detail="slice",
         )
@@ -141,8 +146,10 @@ class Slicing(Fills):
         ex.start(status, block + tail, end - start)
         try:
             for index in slices_covering(start, end, size) if not ex.no_body else ():
-                piece = first if index == first_index else await self.get_slice(
-                    domain, key, index, size, ex, rule, opened
+                piece = (
+                    first
+                    if index == first_index
+                    else await self.get_slice(domain, key, index, size, ex, rule, opened)
                 )
                 if piece is None or not same_version(
                     first.obj.headers, piece.obj.headers, total, piece.span.total
@@ -165,6 +172,13 @@ class Slicing(Fills):
             await ex.write(memoryview(obj.body)[a:b])
         else:
             await ex.sendfile(obj.file.fd, obj.file.body_offset + a, b - a)
+
+    def invalidate_fills(self, doomed: Callable[[str], bool]) -> None:
+        """Slice fetches too (keys `key#slice=...`): one no longer registered in
+        `slice_fetches` finishes for its waiters but stores nothing."""
+        super().invalidate_fills(doomed)
+        for skey in [k for k in self.slice_fetches if doomed(k)]:
+            del self.slice_fetches[skey]
 
     def _drop_slices(self, key: str, total: int, size: int) -> None:
         for index in range(-(-total // size)):
@@ -199,11 +213,14 @@ class Slicing(Fills):
                 obj.file.close()
         pending = self.slice_fetches.get(skey)
         if pending is None:
-            pending = asyncio.ensure_future(
-                self._fetch_slice(domain, skey, index, size, ex, rule)
-            )
-            self.slice_fetches[skey] = pending
-            pending.add_done_callback(lambda _: self.slice_fetches.pop(skey, None))
+            fetch = asyncio.ensure_future(self._fetch_slice(domain, skey, index, size, ex, rule))
+            self.slice_fetches[skey] = pending = fetch
+
+            def done(_: object) -> None:
+                if self.slice_fetches.get(skey) is fetch:  # not a later fetch of the slice
+                    del self.slice_fetches[skey]
+
+            fetch.add_done_callback(done)
         else:
             self.stats.coalesced_waits += 1
         return await asyncio.shield(pending)
@@ -223,6 +240,8 @@ class Slicing(Fills):
         request_time = time.time()
         self.stats.origin_fetches += 1
         resp = await self.origin.open(domain, "GET", ex.head.target, headers)
+        # At the head, as a whole-object fill: a ban issued while the body arrives is newer.
+        response_time = time.time()
         try:
             if resp.status == 416:
                 unsatisfied = resp.headers.get("Content-Range", "")
@@ -245,7 +264,6 @@ class Slicing(Fills):
             if len(body) != span.end - span.start:
                 raise FillError("origin slice shorter than its Content-Range")
             self.stats.origin_bytes += len(body)
-            response_time = time.time()
             fields = _origin_fields(resp, response_time)
             headers_seen = policy.combine_fields(fields)
             # Stored by the rules of the whole response it is a part of (a 200).
@@ -257,7 +275,9 @@ class Slicing(Fills):
             )
             if obj is None:
                 return None
-            stored = reason is None and self.tiers.store_complete(obj)
+            # A purge or a write meanwhile unregistered this fetch (`invalidate_fills`).
+            wanted = self.slice_fetches.get(skey) is asyncio.current_task()
+            stored = reason is None and wanted and self.tiers.store_complete(obj)
             if reason is not None:
                 self.stats.not_stored[reason] += 1
             return Slice(obj, span, hit=False, stored=stored)
@@ -287,4 +307,3 @@ def _range_start(value: str | None) -> int:
         return 0
     first = value.partition("=")[2].split(",")[0].strip().partition("-")[0].strip()
     return int(first) if first.isdigit() else 0
-

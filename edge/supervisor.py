@@ -36,9 +36,21 @@ state_dir/control/state.json (fail-static) and keeps retrying. An edge with no s
 starts all the same, but has nothing to serve: /readyz answers 503 until the control plane first
 answers (so a load balancer sends it nothing), and then it serves without a restart. Workers get
 the current STATE in their first message, and every change after it, in order; the follower acks
-a version once every worker of the running generations answered that it applied it. Prefetch
-tasks are fetched here, through the edge's own listener, so that every worker's cache rules and
-the disk tier apply as for any client.
+a version once every worker of the running generations answered that it applied it, and never
+while none is live: with `workers = 1`, nothing is acked while that worker restarts.
+
+One worker is the lead, doing the host-wide part of purges (deleting and sweeping disk objects,
+keeping its bans in bans.json). A purge is durable once the lead answered it; until then it is
+`unled` (in state.json too) and is replayed to every worker started meanwhile and, when the lead
+dies, to the worker that takes over as lead. A snapshot owes a flush (every worker bans what it
+stored before, the lead sweeps): sent with the new STATE to the running workers and in the first
+message of any worker started until every worker and the lead did it.
+
+Prefetch tasks are fetched here, through the edge's own listener, so that every worker's cache
+rules and the disk tier apply as for any client; all tasks together keep at most
+PREFETCH_CONCURRENCY requests in flight, and a task arriving while PREFETCH_TASKS are admitted
+is reported at once with every URL failed (the edge is busy), so that prefetch requests cannot
+make the supervisor download without limit.
 """
 
 from __future__ import annotations
@@ -53,9 +65,9 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -87,7 +99,8 @@ STATS_TIMEOUT = 1.0  # a worker slower than this to answer is counted from its l
 HEALTHY_UPTIME = 10.0  # a worker that served this long restarts at once when it dies
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-PREFETCH_CONCURRENCY = 8  # requests one prefetch task has in flight through the listener
+PREFETCH_CONCURRENCY = 8  # requests all prefetch tasks together have in flight
+PREFETCH_TASKS = 16  # prefetch tasks admitted (running or waiting); more are refused
 PREFETCH_APPLIED_WAIT = 10.0  # a prefetch waits this long for the workers to apply what precedes
 PREFETCH_READ_TIMEOUT = 60.0
 
@@ -168,6 +181,18 @@ class ListenSockets:
             self.release(slot)
 
 
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """A control message a worker answers, in order: the config with "ready", the others
+    with "applied" (the version it carries is not needed). `version`: what the worker enforces
+    once it answered (None: the replay that always follows the config sets it); `lead`: it was
+    sent to the lead; `flush`: the answer also says the worker did a flush."""
+
+    version: int | None
+    lead: bool
+    flush: bool = False
+
+
 class WorkerProcess:
     """One worker process and the supervisor's end of its control socket."""
 
@@ -190,7 +215,9 @@ class WorkerProcess:
         self.exited = False
         self.retired = False  # its counters have gone into the supervisor's retired totals
         self.last: Snapshot | None = None  # its latest stats answer (or final snapshot)
-        self.applied = 0  # the control version it enforces: given at start, then answered
+        self.applied: int | None = None  # the control version it enforces (None: not yet)
+        self.asked: deque[Asked] = deque()  # sent, not yet answered
+        self.lead_flushed = False  # it answered a flush while it was the lead
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
@@ -205,16 +232,14 @@ class WorkerProcess:
                 if op == "ready":
                     self.ready = True
                     self.generation.changed.set()
+                    self._on_message(self, message)
                 elif op == "stats":
                     future = self._pending.get(message.get("id"))
                     if future is not None and not future.done():
                         future.set_result(cast(Snapshot, message["snapshot"]))
                 elif op == "final":
                     self.last = cast(Snapshot, message["snapshot"])
-                elif op == "applied":
-                    self.applied = int(message["version"])
-                    self._on_message(self, message)
-                elif op == "invalidate":
+                elif op in ("applied", "invalidate"):
                     self._on_message(self, message)
         except (ConnectionError, ValueError, KeyError, TypeError) as exc:
             log.warning("worker %d (pid %d): control socket: %r", self.slot, self.pid, exc)
@@ -234,6 +259,20 @@ class WorkerProcess:
     def send(self, message: dict[str, object]) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             send_message(self._writer, message)
+
+    def ask(self, message: dict[str, object], asked: Asked) -> None:
+        """Send a message the worker answers."""
+        self.asked.append(asked)
+        self.send(message)
+
+    def answered(self) -> Asked | None:
+        """The message an answer ("ready" or "applied") is for; None without control."""
+        if not self.asked:
+            return None
+        asked = self.asked.popleft()
+        if asked.version is not None:
+            self.applied = asked.version
+        return asked
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc.returncode is None:
@@ -330,6 +369,10 @@ class Supervisor:
         self._reload = asyncio.Event()
         self.follower: ControlFollower | None = None  # with [control]
         self._applied_grew = asyncio.Event()  # a worker answered "applied", or one died
+        self._applied = 0  # what every worker enforced when last some worker was live
+        self._lead: WorkerProcess | None = None  # the worker doing purges' host-wide part
+        self._prefetch_slots = asyncio.Semaphore(PREFETCH_CONCURRENCY)
+        self._prefetch_tasks = 0  # admitted, running or waiting for a slot
 
     def add_periodic(self, name: str, interval: float, job: PeriodicJob) -> None:
         """Run `job(supervisor)` every `interval` s while serving (call before `run`).
@@ -384,7 +427,10 @@ class Supervisor:
         self._applied_changed()  # the workers enforce the STATE they started with: ack it
         log.info(
             "edge serving on %s:%d with %d workers, admin on %s:%d",
-            self.sockets.host, self.sockets.port, edge.workers, edge.admin_listen[0],
+            self.sockets.host,
+            self.sockets.port,
+            edge.workers,
+            edge.admin_listen[0],
             self.admin_port,
         )
         self._own(self._tasks, self._reload_loop(), "reload")
@@ -445,9 +491,15 @@ class Supervisor:
 
     def _from_worker(self, sender: WorkerProcess, message: dict[str, object]) -> None:
         """A worker's invalidation goes to every other live worker (all generations); its
-        "applied" may let the follower ack."""
-        if message["op"] == "applied":
-            self._applied_changed()
+        "ready" and "applied" may let the follower ack, trim `unled` and end the flush."""
+        if message["op"] in ("ready", "applied"):
+            asked = sender.answered()
+            if asked is not None and self.follower is not None:
+                if asked.lead and sender is self._lead:
+                    if asked.version is not None:
+                        self.follower.led(asked.version)
+                    sender.lead_flushed |= asked.flush
+                self._applied_changed()
             return
         for generation in self._generations:
             for worker in generation.live():
@@ -491,27 +543,72 @@ class Supervisor:
         return [w for g in self._generations if not g.stopping for w in g.live()]
 
     def _send_state(self, state: State) -> None:
+        """A snapshot replaced the state: every worker flushes (purges may have been missed)."""
         for worker in self._targets():
-            worker.send({"op": "state", "state": state})
+            worker.lead_flushed = False
+            lead = worker is self._lead
+            message = {"op": "state", "state": state, "flush": True, "lead": lead}
+            worker.ask(message, Asked(state["version"], lead, flush=True))
 
     def _send_change(self, change: Change) -> None:
         """To every worker, in order; exactly one of them is told to do the host-wide part."""
-        targets = self._targets()
-        for worker in targets:
-            worker.send({"op": "change", **change, "lead": worker is targets[0]})
+        for worker in self._targets():
+            lead = worker is self._lead
+            worker.ask({"op": "change", **change, "lead": lead}, Asked(change["version"], lead))
         if change["kind"] == "prefetch":
             self._own(self._tasks, self._prefetch(change), f"prefetch-{change['version']}")
 
+    def _replay(self, worker: WorkerProcess, follower: ControlFollower, *, start: bool) -> None:
+        """The purges no lead stored durably yet, for a worker that was not sent them (just
+        `start`ed) or must now store them (the new lead). A started worker's answer, coming
+        once its bans are durable, also says it did the flush it may have started with."""
+        lead = worker is self._lead
+        message = {"op": "replay", "changes": follower.unled, "lead": lead}
+        worker.ask(message, Asked(follower.version, lead, flush=start and follower.flush_owed))
+
+    def _elect(self) -> None:
+        """The lead left (died, or its generation drains): another live worker takes over,
+        with the flush if one is owed and the purges the old lead may not have stored."""
+        old, self._lead = self._lead, None
+        if old is not None and not old.exited:  # draining: its host-wide work ends
+            old.ask({"op": "replay", "changes": [], "lead": False}, Asked(None, False))
+        targets = self._targets()
+        if self.follower is None or not targets or self._stop.is_set():
+            return
+        self._lead = lead = targets[0]
+        log.info("worker %d (pid %d) is the lead now", lead.slot, lead.pid)
+        self._replay(lead, self.follower, start=False)
+        if self.follower.flush_owed:  # the flush again, now with the lead's host-wide part
+            state = self.follower.state
+            message = {"op": "state", "state": state, "flush": True, "lead": True}
+            lead.ask(message, Asked(state["version"], True, flush=True))
+
     def applied_version(self) -> int:
-        """The newest control version every worker enforces (0 before any worker started)."""
+        """The newest control version every worker enforces (0 before any worker started). It
+        stays as it was while no worker is live or a new one has not answered yet: a purge
+        made meanwhile is not enforced by anyone yet."""
         if self.follower is None or self.current is None:
             return 0
-        return min((w.applied for w in self._targets()), default=self.follower.version)
+        versions = [w.applied for w in self._targets()]
+        if versions and None not in versions:
+            self._applied = min(v for v in versions if v is not None)
+        return self._applied
 
     def _applied_changed(self) -> None:
         self._applied_grew.set()
-        if self.follower is not None:
-            self.follower.poke()
+        follower = self.follower
+        if follower is None:
+            return
+        lead, targets = self._lead, self._targets()
+        if (
+            follower.flush_owed
+            and lead is not None
+            and lead in targets
+            and lead.lead_flushed
+            and not any(asked.flush for w in targets for asked in w.asked)
+        ):
+            follower.flushed()
+        follower.poke()
 
     async def _until_applied(self, version: int) -> None:
         while self.applied_version() < version:
@@ -520,20 +617,41 @@ class Supervisor:
 
     async def _prefetch(self, change: Change) -> None:
         """GET each URL of a prefetch task through this edge's own listener (the domain's Host,
-        the body read to the end), then report the task's result to the control plane."""
+        the body read to the end), then report the task's result to the control plane. Past
+        PREFETCH_TASKS admitted tasks, every URL of a new one fails at once: the edge is busy."""
+        payload = change["payload"]
+        items = payload["items"]
+        if self._prefetch_tasks >= PREFETCH_TASKS:
+            log.warning(
+                "prefetch task %s refused: edge busy (%d tasks admitted), %d URLs failed",
+                payload["task"], self._prefetch_tasks, len(items),
+            )  # fmt: skip
+            failed = [f"http://{i['domain']}{i['value']}" for i in items]
+        else:
+            self._prefetch_tasks += 1
+            try:
+                failed = await self._prefetch_items(change["version"], items)
+            finally:
+                self._prefetch_tasks -= 1
+        result = {"fetched": len(items) - len(failed), "failed": failed}
+        log.info("prefetch task %s: %d fetched, %d failed", payload["task"], *result.values())
+        if self.follower is not None:
+            await self.follower.report(f"/v1/edge/tasks/{payload['task']}/result", result)
+
+    async def _prefetch_items(self, version: int, items: list[dict[str, Any]]) -> list[str]:
+        """Fetch the items (after the workers applied what precedes `version`, so that the
+        domains exist); the URLs that failed."""
         try:
             async with asyncio.timeout(PREFETCH_APPLIED_WAIT):
-                await self._until_applied(change["version"] - 1)
+                await self._until_applied(version - 1)
         except TimeoutError:
-            log.warning("prefetch %d: workers slow to apply earlier changes", change["version"])
-        payload = change["payload"]
+            log.warning("prefetch %d: workers slow to apply earlier changes", version)
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.sockets.host, self.sockets.host)
         base = f"http://{f'[{host}]' if ':' in host else host}:{self.sockets.port}"
-        limit = asyncio.Semaphore(PREFETCH_CONCURRENCY)
         failed: list[str] = []
 
         async def fetch(session: aiohttp.ClientSession, domain: str, target: str) -> None:
-            async with limit:
+            async with self._prefetch_slots:
                 try:
                     async with session.get(
                         URL(base + target, encoded=True),
@@ -548,7 +666,6 @@ class Supervisor:
                     pass
             failed.append(f"http://{domain}{target}")
 
-        items = payload["items"]
         async with aiohttp.ClientSession(
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("Accept-Encoding",),
@@ -559,10 +676,7 @@ class Supervisor:
             await asyncio.gather(
                 *(fetch(session, str(i["domain"]), str(i["value"])) for i in items)
             )
-        result = {"fetched": len(items) - len(failed), "failed": failed}
-        log.info("prefetch task %s: %d fetched, %d failed", payload["task"], *result.values())
-        if self.follower is not None:
-            await self.follower.report(f"/v1/edge/tasks/{payload['task']}/result", result)
+        return failed
 
     # --- generations and workers --------------------------------------------------------------
 
@@ -608,11 +722,16 @@ class Supervisor:
                     worker.signal(signal.SIGTERM)
                 code = await worker.wait()
                 self._retire(worker)
+                if worker is self._lead:
+                    self._elect()
                 self._applied_changed()
                 if generation.stopping:
                     log.info(
                         "worker %d (pid %d) of generation %d %s",
-                        slot, worker.pid, generation.number, describe_exit(code),
+                        slot,
+                        worker.pid,
+                        generation.number,
+                        describe_exit(code),
                     )
                     return
                 if not generation.started:
@@ -659,10 +778,18 @@ class Supervisor:
             "text": generation.text,
             "grace": self.drain_timeout,
         }
-        if self.follower is not None:
-            hello["control"] = self.follower.state
-            worker.applied = self.follower.version
-        send_message(writer, hello)
+        follower = self.follower
+        if follower is None:
+            send_message(writer, hello)
+        else:
+            if self._lead not in self._targets():
+                self._lead = worker
+            lead = worker is self._lead
+            hello |= {"control": follower.state, "lead": lead}
+            if follower.flush_owed:
+                hello["flush"] = True
+            worker.ask(hello, Asked(None, lead))  # answered by "ready", when it serves
+            self._replay(worker, follower, start=True)
         # Registered in the same step as its STATE is sent: every later change reaches it.
         generation.workers[slot] = worker
         with contextlib.suppress(ConnectionError):
@@ -674,16 +801,18 @@ class Supervisor:
         generation.stopping = True
         generation.changed.set()
         generation.wake.set()
+        if self._lead is not None and self._lead.generation is generation:
+            self._elect()
         for worker in generation.live():
             worker.signal(signal.SIGTERM)
-        _, running = await asyncio.wait(
-            generation.runners, timeout=self.drain_timeout + KILL_AFTER
-        )
+        _, running = await asyncio.wait(generation.runners, timeout=self.drain_timeout + KILL_AFTER)
         if running:
             for worker in generation.live():
                 log.warning(
                     "worker %d (pid %d) still running %.0fs after SIGTERM: killing it",
-                    worker.slot, worker.pid, self.drain_timeout + KILL_AFTER,
+                    worker.slot,
+                    worker.pid,
+                    self.drain_timeout + KILL_AFTER,
                 )
                 worker.signal(signal.SIGKILL)
         for runner in generation.runners:
@@ -732,7 +861,10 @@ class Supervisor:
                 log.warning(
                     "reload: edge.%s changed from %s:%d to %s:%d, which needs a restart; "
                     "still on %s:%d",
-                    key, *before, *after, *before,
+                    key,
+                    *before,
+                    *after,
+                    *before,
                 )
         config = replace(
             config,
@@ -758,7 +890,9 @@ class Supervisor:
                 self.sockets.release(slot)
         log.info(
             "reloaded: generation %d serving %d domains with %d workers",
-            generation.number, len(config.domains), config.edge.workers,
+            generation.number,
+            len(config.domains),
+            config.edge.workers,
         )
         if old is not None:
             self._own(self._drains, self._stop_generation(old), f"drain-{old.number}")
@@ -816,11 +950,13 @@ class SupervisorCollector(Collector):
             else 0,
         )
         yield GaugeMetricFamily(
-            "cdn_edge_workers_configured", "Worker processes the config asks for",
+            "cdn_edge_workers_configured",
+            "Worker processes the config asks for",
             value=sup.config.edge.workers,
         )
         yield CounterMetricFamily(
-            "cdn_edge_worker_restarts", "Worker processes restarted after they died",
+            "cdn_edge_worker_restarts",
+            "Worker processes restarted after they died",
             value=sup.restarts,
         )
         per_slot = GaugeMetricFamily(
@@ -833,7 +969,8 @@ class SupervisorCollector(Collector):
             per_slot.add_metric([str(slot)], n)
         yield per_slot
         reloads = CounterMetricFamily(
-            "cdn_edge_config_reloads", "SIGHUP reloads by result (applied, refused, failed)",
+            "cdn_edge_config_reloads",
+            "SIGHUP reloads by result (applied, refused, failed)",
             labels=["result"],
         )
         for result in ("applied", "refused", "failed"):
@@ -859,8 +996,14 @@ class SupervisorCollector(Collector):
             value=follower.contact_age(),
         )
         yield GaugeMetricFamily(
-            "cdn_edge_control_connected", "1 while the edge holds the control plane's feed",
+            "cdn_edge_control_connected",
+            "1 while the edge holds the control plane's feed",
             value=int(follower.connected),
+        )
+        yield CounterMetricFamily(
+            "cdn_edge_control_bad_events",
+            "Feed events the edge could not parse or apply (it then asked for a snapshot)",
+            value=follower.bad_events,
         )
 
 

@@ -12,7 +12,8 @@ Two ways to run it:
 
 Domains come from the config file's `[[domains]]`, or, with `control_state` (the control
 plane's STATE, control/README.md), from the control plane: then each change and each new
-STATE the supervisor relays is enforced at once (`apply_change`, `replace_state`).
+STATE the supervisor relays is enforced at once (`apply_change`, `replace_state`), and the
+purges of changes a restarted worker may have missed are applied again (`replay`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -35,9 +37,10 @@ from prometheus_client import CollectorRegistry
 from edge import controlstate
 from edge.admin import make_admin_app
 from edge.config import EdgeConfig, parse_config
-from edge.controlstate import Applied, ControlState
+from edge.controlstate import Applied, ControlState, Purge
 from edge.fetch import OriginClient
 from edge.metrics import EdgeStats, Snapshot, StatsCollector, worker_snapshot
+from edge.purge import bans_for
 from edge.request import EdgeProxy
 from edge.server import HttpServer
 from edge.store import MemoryTier
@@ -51,6 +54,9 @@ ACCEPT_SETTLE = 0.2
 
 # The control socket's longest line: the first one carries the whole config file.
 CONTROL_LINE_LIMIT = 2**26
+
+# What a change's bans are durable by (the lead's ban file); None: nothing to wait for.
+Durable = asyncio.Future[None] | None
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -75,6 +81,7 @@ class EdgeWorker:
         sock: socket.socket | None = None,
         accept_settle: float = 0.0,
         control_state: Mapping[str, Any] | None = None,
+        flush: bool = False,
     ) -> None:
         """`admin`: serve `admin_listen` here (False under the supervisor, which serves it).
 
@@ -82,6 +89,8 @@ class EdgeWorker:
         `accept_settle`: see ACCEPT_SETTLE; worth it only where another process keeps
         accepting on the same socket, so 0 in-process.
         `control_state`: the control plane's STATE; its domains replace the config's.
+        `flush`: purges of it may have been missed (see `replace_state`): at start, nothing
+        stored before is served.
         """
         self.config = config
         self.stats = EdgeStats()
@@ -106,8 +115,11 @@ class EdgeWorker:
         self.admin_port = 0
         self.control: ControlState | None = None
         self.lead = False  # the last change named this worker the one doing host-wide work
+        self._flush_at_start = flush and control_state is not None
         if control_state is not None:
-            self._enforce(controlstate.parse_state(control_state), initial=True)
+            # The first STATE purges nothing (or everything, flushed, at `start`); the bans
+            # of before are loaded at start.
+            self._enforce(controlstate.parse_state(control_state))
 
     @property
     def config_version(self) -> int:
@@ -116,26 +128,48 @@ class EdgeWorker:
 
     def apply_change(
         self, version: int, kind: str, payload: Mapping[str, Any], lead: bool
-    ) -> None:
+    ) -> Durable:
         """Enforce one change of the feed (`{"op": "change"}`); an old version is a no-op.
-        `lead`: this worker also does the host-wide part (purged objects on disk)."""
+        `lead`: this worker also does the host-wide part (purged objects on disk).
+        Returns what is done once the change's bans are on disk (None: nothing to wait for)."""
         if self.control is None:
             log.warning("change %d ignored: this edge has no control plane", version)
-            return
+            return None
         self.lead = lead
-        self._enforce(controlstate.apply(self.control, version, kind, payload))
+        applied = self._enforce(controlstate.apply(self.control, version, kind, payload))
+        return self._purge((applied.state.version, p) for p in applied.purges)
 
-    def replace_state(self, state: Mapping[str, Any]) -> None:
-        """Enforce a whole new STATE (`{"op": "state"}`, after the feed sent a snapshot)."""
-        self._enforce(controlstate.apply_snapshot(self.control or controlstate.EMPTY, state))
+    def replace_state(self, state: Mapping[str, Any], *, flush: bool = False) -> Durable:
+        """Enforce a whole new STATE (`{"op": "state"}`, after the feed sent a snapshot).
+        `flush`: purges may have been missed meanwhile (the edge was offline past the change
+        log, lost its saved state, or the control plane was restored): whatever was stored
+        before now is banned, in every domain."""
+        old = self.control or controlstate.EMPTY
+        applied = self._enforce(controlstate.apply_snapshot(old, state, flush=flush))
+        return self._purge((applied.state.version, p) for p in applied.purges)
 
-    def _enforce(self, applied: Applied, *, initial: bool = False) -> None:
+    def replay(self, changes: list[Any], lead: bool) -> tuple[int, Durable]:
+        """The purges of `changes` a restarted worker may have missed (`{"op": "replay"}`),
+        whatever their versions; the rest of them is in its state already. Returns the
+        newest version replayed and, as `apply_change`, what says they are on disk."""
+        if self.control is None:
+            log.warning("replay ignored: this edge has no control plane")
+            return 0, None
+        self.lead = lead
+        replayed = controlstate.replay(self.control, changes)
+        for problem in replayed.problems:
+            log.warning("control plane: %s", problem)
+        return replayed.version, self._purge(replayed.purges)
+
+    def _enforce(self, applied: Applied) -> Applied:
         for problem in applied.problems:
             log.warning("control plane: %s", problem)
         self.control = applied.state
         self.proxy.enforce(applied.state)
-        if not initial:  # the first STATE purges nothing; its bans are loaded at start
-            self.proxy.purge(applied.purges, applied.state.version, lead=self.lead)
+        return applied
+
+    def _purge(self, purges: Iterable[tuple[int, Purge]]) -> Durable:
+        return self.proxy.purge(bans_for(purges, time.time()), lead=self.lead)
 
     def snapshot(self) -> Snapshot:
         snap = worker_snapshot(self.stats, self.proxy.tiers)
@@ -146,6 +180,8 @@ class EdgeWorker:
     async def start(self) -> None:
         await self.origin.start()
         await self.proxy.start()
+        if self._flush_at_start:  # after the bans of before were loaded
+            self._purge([(self.config_version, controlstate.EVERYTHING)])
         sock = self._sock
         if sock is None:
             sock = listen_socket(*self.config.edge.listen)
@@ -165,7 +201,10 @@ class EdgeWorker:
             # Port 0 means "any free port" (tests): read back what was bound.
             self.admin_port = self._admin.addresses[0][1]
             log.info(
-                "edge serving on %s:%d, admin on %s:%d", host, self.port, admin_host,
+                "edge serving on %s:%d, admin on %s:%d",
+                host,
+                self.port,
+                admin_host,
                 self.admin_port,
             )
         else:
@@ -204,6 +243,16 @@ class EdgeWorker:
 #   supervisor -> worker: {"op": "change", "version": V, "kind": K, "payload": P, "lead": bool}
 #   supervisor -> worker: {"op": "state", "state": STATE} (a snapshot replaced the whole state)
 #   worker -> supervisor, once it enforces either: {"op": "applied", "version": V}
+#   "flush": true, in the first line or a "state" message: purges may have been missed (the
+#   edge was offline past the change log, lost its saved state, or the control plane was
+#   restored): whatever was stored before is banned, every domain, memory at once, the lead
+#   walking the disk;
+#   supervisor -> a worker just started (before or after its "ready"):
+#   {"op": "replay", "changes": [{"version": V, "kind": K, "payload": P}...], "lead": bool}:
+#   only their purges (purge items, domain.delete, terminations) are applied again, whatever
+#   their versions; answered {"op": "applied", "version": the newest V, or its own when none};
+#   the lead answers "applied" (to a change, state or replay) only once the bans it made are
+#   durable in bans.json; answers keep the order of the messages.
 # SIGTERM, or end of file on the control socket (the supervisor is gone), drains and exits.
 
 
@@ -219,6 +268,8 @@ async def _answer_control(
     stop: asyncio.Event,
 ) -> None:
     """Answer the supervisor's messages until it closes the socket (which also means: stop)."""
+    applied: asyncio.Queue[tuple[int, Durable]] = asyncio.Queue()
+    answers = asyncio.create_task(_answer_applied(applied, writer), name="applied")
     try:
         while line := await reader.readline():
             message = json.loads(line)
@@ -229,21 +280,38 @@ async def _answer_control(
             elif message.get("op") == "invalidate":
                 worker.proxy.forget([str(k) for k in message["keys"]], disk=False)
             elif message.get("op") == "change":
-                worker.apply_change(
-                    int(message["version"]), str(message["kind"]), message["payload"],
-                    bool(message.get("lead")),
+                version = int(message["version"])
+                durable = worker.apply_change(
+                    version, str(message["kind"]), message["payload"], bool(message.get("lead"))
                 )
-                send_message(writer, {"op": "applied", "version": int(message["version"])})
-                await writer.drain()
+                applied.put_nowait((version, durable))
             elif message.get("op") == "state":
-                worker.replace_state(message["state"])
-                send_message(writer, {"op": "applied", "version": worker.config_version})
-                await writer.drain()
+                durable = worker.replace_state(message["state"], flush=bool(message.get("flush")))
+                applied.put_nowait((worker.config_version, durable))
+            elif message.get("op") == "replay":
+                applied.put_nowait(
+                    worker.replay(list(message["changes"]), bool(message.get("lead")))
+                )
             else:
                 log.warning("unknown control message %.100r", line)
     except ConnectionError:
         pass
+    finally:
+        answers.cancel()
     stop.set()
+
+
+async def _answer_applied(
+    applied: asyncio.Queue[tuple[int, Durable]], writer: asyncio.StreamWriter
+) -> None:
+    """Answer "applied" to each control message in order, once its bans are durable: the
+    supervisor's ack must mean they survive a crash (the ban file, `edge.purge`)."""
+    while True:
+        version, durable = await applied.get()
+        if durable is not None:
+            await durable
+        send_message(writer, {"op": "applied", "version": version})
+        await writer.drain()
 
 
 async def run_worker_process(control_fd: int, listen_fd: int) -> None:
@@ -263,6 +331,7 @@ async def run_worker_process(control_fd: int, listen_fd: int) -> None:
         sock=socket.socket(fileno=listen_fd),
         accept_settle=ACCEPT_SETTLE,
         control_state=hello.get("control"),
+        flush=bool(hello.get("flush")),
     )
     worker.proxy.on_invalidate = lambda keys: send_message(
         writer, {"op": "invalidate", "keys": keys}
@@ -303,8 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(),
         format=(
-            f"%(asctime)s %(levelname)s %(name)s[worker {args.slot} pid %(process)d]: "
-            "%(message)s"
+            f"%(asctime)s %(levelname)s %(name)s[worker {args.slot} pid %(process)d]: %(message)s"
         ),
     )
     # Ctrl-C and a terminal hangup reach the whole process group: the supervisor decides what

@@ -8,6 +8,7 @@ reached the PostgreSQL half is skipped locally, and fails when ``CI=true``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
 from pytest_aiohttp import AiohttpClient
@@ -203,14 +205,54 @@ class Api:
 
 
 @pytest.fixture
-async def api(db: AsyncEngine, aiohttp_client: AiohttpClient) -> Api:
+def api_settings() -> dict[str, Any]:
+    """ControlConfig fields a test changes: `@pytest.mark.parametrize("api_settings", [{...}])`."""
+    return {}
+
+
+@pytest.fixture
+async def api(db: AsyncEngine, aiohttp_client: AiohttpClient, api_settings: dict[str, Any]) -> Api:
     """The control plane on the parametrized database, listening on a real socket."""
+    settings: dict[str, Any] = {"heartbeat": 1.0, "change_log_keep": 3600.0, **api_settings}
     config = ControlConfig(
-        source="test",
-        admin_token=ADMIN_TOKEN,
-        cname_suffix=CNAME_SUFFIX,
-        heartbeat=1.0,
-        change_log_keep=3600.0,
+        source="test", admin_token=ADMIN_TOKEN, cname_suffix=CNAME_SUFFIX, **settings
     )
     client = await aiohttp_client(make_app(config, db))
     return Api(client, db)
+
+
+# --- the edge feed ---------------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    kind: str  # "snapshot" | "change" | "comment"
+    id: int | None = None
+    data: Any = None
+
+
+class SSE:
+    """A minimal text/event-stream reader over a response body."""
+
+    def __init__(self, response: ClientResponse) -> None:
+        self.response = response
+
+    async def next(self, *, timeout: float = 5.0, heartbeats: bool = False) -> Event:
+        fields: dict[str, str] = {}
+        while True:
+            raw = await asyncio.wait_for(self.response.content.readline(), timeout)
+            if not raw:
+                raise EOFError("the stream ended")
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                if heartbeats:
+                    return Event("comment", data=line[1:].strip())
+                continue
+            if line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+            elif fields:
+                return Event(fields["event"], int(fields["id"]), json.loads(fields["data"]))
+
+    async def close(self) -> None:
+        self.response.close()

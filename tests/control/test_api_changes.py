@@ -21,6 +21,8 @@ def replay(changes: list[Change]) -> dict[str, Any]:
             del domains[payload["name"]]
         elif change.kind == "domain.state":
             domains[payload["name"]] |= {"state": payload["state"], "reason": payload["reason"]}
+            if payload["state"] == "terminated":  # only answered 404 from now on
+                del domains[payload["name"]]["config"]
         elif change.kind == "block":
             blocks[(payload["domain"], payload["pattern"])] = payload["reason"]
         elif change.kind == "unblock":
@@ -29,6 +31,7 @@ def replay(changes: list[Change]) -> dict[str, Any]:
             assert change.kind in ("purge", "prefetch"), change.kind
     return {
         "version": changes[-1].version,
+        "at": changes[-1].created_at.isoformat(timespec="microseconds"),
         "domains": [domains[name] for name in sorted(domains)],
         "blocks": [
             {"domain": d, "pattern": p, "reason": r} for (d, p), r in sorted(blocks.items())

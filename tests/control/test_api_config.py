@@ -12,11 +12,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 
 import pytest
 
-from control.config import ADMIN_TOKEN_ENV, ControlConfig, load_config, parse_config
+from control.config import ADMIN_TOKEN_ENV, ORIGIN_DENY, ControlConfig, load_config, parse_config
 from edge.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +29,7 @@ admin_token = "file-token"
 cname_suffix = "CDN.Example.NET."
 heartbeat = "20s"
 change_log_keep = "2d"
+origin_deny = ["10.0.0.0/8", "fd00::/8"]
 """
 
 
@@ -41,6 +43,7 @@ def test_a_full_config_loads() -> None:
         database="postgresql://cdn@db.example/control",
         heartbeat=20.0,
         change_log_keep=2 * 86400.0,
+        origin_deny=(ip_network("10.0.0.0/8"), ip_network("fd00::/8")),
     )
     assert "file-token" not in repr(config)
 
@@ -54,6 +57,18 @@ def test_defaults_and_the_admin_token_from_the_environment() -> None:
         "sqlite:///var/control.db",
     )
     assert (config.heartbeat, config.change_log_keep) == (15.0, 7 * 86400.0)
+    # internal addresses: loopback, link-local (cloud metadata), private, CGNAT, ...
+    assert config.origin_deny == ORIGIN_DENY == ControlConfig("x", "t", "c").origin_deny
+    for address in ("127.0.0.1", "::1", "169.254.169.254", "fe80::1", "0.0.0.0", "::"):
+        assert any(ip_address(address) in net for net in config.origin_deny), address
+    for address in ("224.0.0.1", "ff02::1", "10.0.0.1", "172.16.0.1", "192.168.1.1"):
+        assert any(ip_address(address) in net for net in config.origin_deny), address
+    for address in ("fc00::1", "fdff::1", "100.64.0.1", "100.127.255.255"):
+        assert any(ip_address(address) in net for net in config.origin_deny), address
+    for address in ("8.8.8.8", "172.32.0.1", "2001:4860::8888", "100.128.0.1"):
+        assert not any(ip_address(address) in net for net in config.origin_deny), address
+    empty = parse_config(text + "origin_deny = []\n", "c.toml", env={ADMIN_TOKEN_ENV: "t"})
+    assert empty.origin_deny == ()
 
 
 @pytest.mark.parametrize(
@@ -66,6 +81,12 @@ def test_defaults_and_the_admin_token_from_the_environment() -> None:
         (GOOD.replace('"20s"', "0"), "control.heartbeat", "more than 0"),
         (GOOD.replace('"2d"', "true"), "control.change_log_keep", "duration"),
         (GOOD.replace('"0.0.0.0:9100"', '"9100"'), "control.listen", "HOST:PORT"),
+        (GOOD.replace("9100", "\u00b2"), "control.listen", "HOST:PORT"),
+        (GOOD.replace("9100", "\u0669\u0661\u0660\u0660"), "control.listen", "HOST:PORT"),
+        (GOOD.replace("9100", "9" * 5000), "control.listen", "HOST:PORT"),
+        (GOOD.replace('["10.0.0.0/8", "fd00::/8"]', '"10.0.0.0/8"'), "control.origin_deny", "list"),
+        (GOOD.replace('"fd00::/8"', '"fd00::/200"'), "control.origin_deny[1]", "CIDR"),
+        (GOOD.replace('"fd00::/8"', "8"), "control.origin_deny[1]", "CIDR"),
         (GOOD.replace("postgresql://", "mysql://"), "control.database", "scheme"),
         (GOOD.replace('"file-token"', '"a b"'), "control.admin_token", "whitespace"),
         (GOOD + "workers = 3\n", "control.workers", "unknown key"),

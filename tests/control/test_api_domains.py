@@ -4,10 +4,18 @@ changes edges receive, and the operator's and account-wide state changes."""
 from __future__ import annotations
 
 import asyncio
+from ipaddress import ip_network
 from typing import Any
 
 import pytest
 
+from control.models import (
+    MAX_ORIGINS,
+    MAX_QUERY_PARAMS,
+    MAX_RULE_VALUES,
+    MAX_RULES,
+    MAX_STRING,
+)
 from control.schema import audit_log, domains
 from edge.config import parse_domain
 from tests.control.conftest import CNAME_SUFFIX, Api
@@ -120,6 +128,59 @@ async def test_update_and_delete_publish_their_changes(api: Api) -> None:
             "query.mode",
         ),
         ([1, 2], "(body)"),
+        # size caps: one account must not make the change feed or the state huge
+        (
+            {"name": "www.example.com", "origins": ["http://o"] * (MAX_ORIGINS + 1)},
+            "origins",
+        ),
+        (
+            {"name": "www.example.com", "origins": ["http://" + "o" * MAX_STRING]},
+            "origins[0]",
+        ),
+        (
+            {"name": "www.example.com", "origins": ["http://o"], "origin_host": "h" * 1025},
+            "origin_host",
+        ),
+        (
+            {
+                "name": "www.example.com",
+                "origins": ["http://o"],
+                "rules": [{"path": ["/"]}] * (MAX_RULES + 1),
+            },
+            "rules",
+        ),
+        (
+            {
+                "name": "www.example.com",
+                "origins": ["http://o"],
+                "rules": [{"suffix": [".a"] * (MAX_RULE_VALUES + 1)}],
+            },
+            "rules[0].suffix",
+        ),
+        (
+            {
+                "name": "www.example.com",
+                "origins": ["http://o"],
+                "rules": [{"prefix": ["/" * (MAX_STRING + 1)]}],
+            },
+            "rules[0].prefix[0]",
+        ),
+        (
+            {
+                "name": "www.example.com",
+                "origins": ["http://o"],
+                "query": {"mode": "keep", "params": ["p"] * (MAX_QUERY_PARAMS + 1)},
+            },
+            "query.params",
+        ),
+        (
+            {
+                "name": "www.example.com",
+                "origins": ["http://o"],
+                "query": {"mode": "drop", "params": ["p" * (MAX_STRING + 1)]},
+            },
+            "query.params[0]",
+        ),
     ],
 )
 async def test_invalid_bodies_are_422_naming_the_field(api: Api, body: Any, field: str) -> None:
@@ -130,6 +191,85 @@ async def test_invalid_bodies_are_422_naming_the_field(api: Api, body: Any, fiel
     assert reply.body["errors"][0]["field"] == field
     assert reply.body["detail"].startswith(f"{field}: ")
     assert await api.rows(domains) == []
+
+
+async def test_a_domain_at_every_size_cap_is_accepted(api: Api) -> None:
+    _, token = await api.account()
+    made = await api.domain(
+        token,
+        "www.example.com",
+        origins=[f"http://o{n}.example" for n in range(MAX_ORIGINS)],
+        origin_host="h" * 63,
+        rules=[{"path": [f"/{n}/{v}" for v in range(MAX_RULE_VALUES)]} for n in range(MAX_RULES)],
+        query={
+            "mode": "keep",
+            "params": [f"p{n}" for n in range(MAX_QUERY_PARAMS - 1)] + ["p" * MAX_STRING],
+        },
+    )
+    assert len(made["origins"]) == MAX_ORIGINS and len(made["rules"]) == MAX_RULES
+
+
+DENIED = [
+    ("http://127.0.0.1:8080", "127.0.0.1 is in a denied range (origin_deny)"),
+    ("https://[::1]", "::1 is in a denied range (origin_deny)"),
+    ("http://169.254.169.254", "169.254.169.254 is in a denied range (origin_deny)"),
+    ("http://[fe80::1]", "fe80::1 is in a denied range (origin_deny)"),
+    ("http://0.0.0.0", "0.0.0.0 is in a denied range (origin_deny)"),
+    ("http://[::]", ":: is in a denied range (origin_deny)"),
+    ("http://224.0.0.1", "224.0.0.1 is in a denied range (origin_deny)"),
+    ("http://[ff02::1]", "ff02::1 is in a denied range (origin_deny)"),
+    ("http://10.1.2.3", "10.1.2.3 is in a denied range (origin_deny)"),
+    ("http://172.31.255.255", "172.31.255.255 is in a denied range (origin_deny)"),
+    ("http://192.168.0.10", "192.168.0.10 is in a denied range (origin_deny)"),
+    ("http://[fd12::3]", "fd12::3 is in a denied range (origin_deny)"),
+    ("http://100.64.0.1", "100.64.0.1 is in a denied range (origin_deny)"),
+    # spellings that reach the same addresses
+    ("http://[::ffff:127.0.0.1]", "::ffff:127.0.0.1 is in a denied range (origin_deny)"),
+    ("http://0x7f.1", "0x7f.1 is in a denied range (origin_deny)"),
+    ("http://localhost:3000", "localhost is a loopback name (origin_deny)"),
+    ("http://api.LOCALHOST", "api.localhost is a loopback name (origin_deny)"),
+]
+
+
+@pytest.mark.parametrize(("origin", "problem"), DENIED)
+async def test_origins_at_internal_addresses_are_refused(
+    api: Api, origin: str, problem: str
+) -> None:
+    _, token = await api.account()
+    body = {"name": "www.example.com", "origins": ["http://origin.example", origin]}
+    reply = await api.call("POST", "/v1/domains", token, body)
+    assert reply.status == 422, reply.body
+    assert reply.body["detail"] == f"origins[1]: {problem}"
+    assert reply.body["errors"] == [{"field": "origins[1]", "problem": problem}]
+    await api.domain(token, "www.example.com")
+    reply = await api.call("PUT", "/v1/domains/www.example.com", token, {"origins": [origin]})
+    assert reply.status == 422 and reply.body["detail"] == f"origins[0]: {problem}"
+    assert (await api.ok("GET", "/v1/domains/www.example.com", token))["origins"] == [
+        "http://origin.example:8080"
+    ]
+
+
+async def test_public_origins_pass_the_default_deny_list(api: Api) -> None:
+    _, token = await api.account()
+    origins = ["http://203.0.113.7", "https://[2001:db8::1]:8443", "http://172.32.0.1"]
+    assert (await api.domain(token, "www.example.com", origins=origins))["origins"] == origins
+
+
+@pytest.mark.parametrize(
+    "api_settings", [{"origin_deny": ()}, {"origin_deny": (ip_network("10.0.0.0/8"),)}]
+)
+async def test_the_operator_chooses_the_deny_list(api: Api, api_settings: dict[str, Any]) -> None:
+    _, token = await api.account()
+    made = await api.domain(token, "www.example.com", origins=["http://127.0.0.1:8080"])
+    assert made["origins"] == ["http://127.0.0.1:8080"]
+    local = await api.call(
+        "POST", "/v1/domains", token, {"name": "b.example.com", "origins": ["http://localhost"]}
+    )
+    assert local.status == 201  # a loopback name is refused only while loopback is denied
+    ten = await api.call(
+        "POST", "/v1/domains", token, {"name": "c.example.com", "origins": ["http://10.0.0.1"]}
+    )
+    assert ten.status == (201 if not api_settings["origin_deny"] else 422)
 
 
 async def test_malformed_or_missing_json_is_400(api: Api) -> None:
@@ -223,6 +363,30 @@ async def test_operator_suspends_resumes_and_terminates_a_domain(api: Api) -> No
     assert (await api.call("POST", "/v1/domains/none.example.com/resume")).status == 404
     actions = [(r.account_id, r.actor, r.action) for r in await api.rows(audit_log)]
     assert (account_id, "operator", "domain.terminate") in actions
+
+
+async def test_an_account_cannot_delete_a_suspended_domain(api: Api) -> None:
+    """Deleting and re-adding it would undo the operator's suspension."""
+    account_id, token = await api.account()
+    await api.domain(token, "www.example.com")
+    path = "/v1/domains/www.example.com"
+    await api.ok("POST", f"{path}/suspend", body={"reason": "phishing"})
+    before = await api.version()
+    reply = await api.call("DELETE", path, token)
+    assert reply.status == 409
+    assert reply.body["detail"] == "suspended domains cannot be deleted; ask the operator"
+    assert (await api.ok("GET", path, token))["state"] == "suspended"
+    again = await api.call(
+        "POST", "/v1/domains", token, {"name": "www.example.com", "origins": ["http://o"]}
+    )
+    assert again.status == 409 and "already registered" in again.body["detail"]
+    assert await api.version() == before
+    # suspended with its account: the same
+    await api.domain(token, "b.example.com")
+    await api.ok("POST", f"/v1/accounts/{account_id}/suspend", body={"reason": "unpaid"})
+    assert (await api.call("DELETE", "/v1/domains/b.example.com", token)).status == 409
+    await api.ok("POST", f"/v1/accounts/{account_id}/resume")
+    assert (await api.call("DELETE", "/v1/domains/b.example.com", token)).status == 204
 
 
 async def test_account_suspension_and_resume_keep_the_operators_own_domain_suspension(

@@ -10,6 +10,16 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
 from control.api import Route
 from control.app import ROUTES
+from control.models import (
+    MAX_ORIGINS,
+    MAX_QUERY_PARAMS,
+    MAX_RULE_VALUES,
+    MAX_RULES,
+    MAX_STRING,
+    MAX_TAG_LENGTH,
+    MAX_TAGS,
+    MAX_URL_LENGTH,
+)
 from control.openapi import EDGE_ROUTES
 from tests.control.conftest import Api
 
@@ -71,12 +81,26 @@ async def test_operations_carry_access_bodies_and_parameters(api: Api) -> None:
     assert {"name", "origins"} <= set(schema["required"])
     purge = document["components"]["schemas"]["PurgeRequest"]
     assert purge["properties"]["urls"]["anyOf"][0]["maxItems"] == 1000
+    assert purge["properties"]["urls"]["anyOf"][0]["items"]["maxLength"] == MAX_URL_LENGTH
+    assert purge["properties"]["tags"]["anyOf"][0]["maxItems"] == MAX_TAGS
+    assert purge["properties"]["tags"]["anyOf"][0]["items"]["maxLength"] == MAX_TAG_LENGTH
+    assert schema["properties"]["origins"]["maxItems"] == MAX_ORIGINS
+    assert schema["properties"]["origins"]["items"]["maxLength"] == MAX_STRING
+    assert schema["properties"]["rules"]["anyOf"][0]["maxItems"] == MAX_RULES
+    rule = document["components"]["schemas"]["CacheRuleBody"]["properties"]["suffix"]["anyOf"][0]
+    assert (rule["maxItems"], rule["items"]["maxLength"]) == (MAX_RULE_VALUES, MAX_STRING)
+    params = document["components"]["schemas"]["QueryBody"]["properties"]["params"]["anyOf"][0]
+    assert (params["maxItems"], params["items"]["maxLength"]) == (MAX_QUERY_PARAMS, MAX_STRING)
     created = paths["/v1/accounts"]["post"]["responses"]["201"]["content"]["application/json"]
     assert created["schema"] == {"$ref": "#/components/schemas/AccountCreated"}
     assert "text/event-stream" in paths["/v1/edge/events"]["get"]["responses"]["200"]["content"]
     account = paths["/v1/accounts/{id}"]["get"]
     assert account["parameters"][0]["schema"]["type"] == "integer"
-    assert paths["/v1/edge/events"]["get"]["parameters"][0]["name"] == "since"
+    feed_params = paths["/v1/edge/events"]["get"]["parameters"]
+    assert [p["name"] for p in feed_params] == ["since", "at"]
+    assert feed_params[1]["schema"] == {"type": "string", "format": "date-time"}
+    snapshot = document["components"]["schemas"]["Snapshot"]
+    assert "at" in snapshot["required"]
     for route in ROUTES:
         operation = paths[route.path][route.method.lower()]
         assert str(route.status) in operation["responses"]

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
 from control.schema import audit_log
-from tests.control.conftest import Api
+from tests.control.conftest import ADMIN_TOKEN, SSE, Api
 
 
 async def test_accounts_are_created_listed_and_read(api: Api) -> None:
@@ -116,3 +122,42 @@ async def test_blocks_publish_block_and_unblock(api: Api) -> None:
     assert (account_id, "operator", "block.delete") in audited
     log = await api.ok("GET", "/v1/audit", token)
     assert "block.create" in [e["action"] for e in log["entries"]]
+
+
+@pytest.mark.parametrize("api_settings", [{"heartbeat": 60.0}])
+async def test_deleting_an_edge_ends_its_open_feed_at_once(api: Api, api_settings: Any) -> None:
+    edge_id, token = await api.edge()
+    _, other = await api.edge("edge-2")
+    headers = {"Authorization": f"Bearer {token}"}
+    async with api.client.get("/v1/edge/events", headers=headers) as response:
+        stream = SSE(response)
+        assert (await stream.next()).kind == "snapshot"
+        started = time.monotonic()
+        assert (await api.call("DELETE", f"/v1/edges/{edge_id}")).status == 204
+        with pytest.raises(EOFError):  # long before the next heartbeat
+            await stream.next(timeout=10)
+        assert time.monotonic() - started < 10
+    reconnect = await api.call("GET", "/v1/edge/snapshot", token)
+    assert reconnect.status == 401
+    assert (await api.call("GET", "/v1/edge/snapshot", other)).status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/edges", {"name": "edge-x"}), ("/v1/subaccounts", {"name": "ops", "scopes": []})],
+)
+async def test_concurrent_identical_creates_are_one_201_and_409s(
+    api: Api, path: str, body: dict[str, Any]
+) -> None:
+    """The name check and the insert race on PostgreSQL: the loser is a 409 too, never a 500."""
+    _, account = await api.account()
+    token = account if path == "/v1/subaccounts" else ADMIN_TOKEN
+    replies = await asyncio.gather(*(api.call("POST", path, token, body) for _ in range(5)))
+    assert sorted(r.status for r in replies) == [201] + [409] * 4, [r.body for r in replies]
+    assert all("exists or existed" in r.body["detail"] for r in replies if r.status == 409)
+
+
+@pytest.mark.parametrize("path", ["/v1/accounts/", "/v1/tasks/", "/v1/edges/"])
+async def test_an_id_of_thousands_of_digits_is_404(api: Api, path: str) -> None:
+    method = "DELETE" if path == "/v1/edges/" else "GET"
+    assert (await api.call(method, path + "9" * 5000)).status == 404

@@ -3,12 +3,21 @@ progress as edges acknowledge or report."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from control.models import MAX_PREFETCH, MAX_PREFIXES, MAX_URLS
-from control.schema import audit_log, tasks
+from control.models import (
+    MAX_PREFETCH,
+    MAX_PREFIXES,
+    MAX_PURGE_ITEMS,
+    MAX_TAG_LENGTH,
+    MAX_TAGS,
+    MAX_URL_LENGTH,
+    MAX_URLS,
+)
+from control.schema import audit_log, domains, tasks
 from tests.control.conftest import Api
 
 
@@ -144,6 +153,12 @@ async def test_prefetch_is_done_when_every_edge_reported(api: Api) -> None:
             "prefixes",
         ),
         ({"type": "url", "urls": ["http://a.example.com/"], "force": True}, "force"),
+        (
+            {"type": "url", "urls": ["http://a.example.com/" + "x" * MAX_URL_LENGTH]},
+            "urls[0]",
+        ),
+        ({"type": "tag", "tags": [f"t{n}" for n in range(MAX_TAGS + 1)]}, "tags"),
+        ({"type": "tag", "tags": ["t" * (MAX_TAG_LENGTH + 1)]}, "tags[0]"),
     ],
 )
 async def test_bad_purges_are_422_naming_the_field(
@@ -200,3 +215,38 @@ async def test_tasks_of_other_accounts_and_outside_a_limit_are_404(api: Api) -> 
         f"task {mine['id']}",
     )
     assert entry.detail == {"type": "tag", "items": 1}
+
+
+async def test_a_tag_purge_expanding_to_too_many_items_is_422(api: Api) -> None:
+    """domains x tags items in one change: a huge change would stall every edge."""
+    account_id, token = await api.account()
+    count = MAX_PURGE_ITEMS // MAX_TAGS + 1
+    names = [f"d{n:03}.example.com" for n in range(count)]
+    async with api.engine.begin() as conn:
+        await conn.execute(
+            domains.insert(),
+            [
+                {
+                    "account_id": account_id,
+                    "name": name,
+                    "config": {"origins": ["http://o"]},
+                    "state": "active",
+                    "state_reason": "",
+                    "created_at": datetime.now(UTC),
+                    "updated_at": datetime.now(UTC),
+                }
+                for name in names
+            ],
+        )
+    tags = [f"tag-{n}" for n in range(MAX_TAGS)]
+    before = await api.version()
+    reply = await api.call("POST", "/v1/purge", token, {"type": "tag", "tags": tags})
+    assert reply.status == 422, reply.body
+    assert reply.body["errors"][0]["field"] == "tags"
+    assert "name fewer tags or domains" in reply.body["detail"]
+    assert await api.version() == before and await api.rows(tasks) == []
+    at_cap = {"type": "tag", "tags": tags, "domains": names[:-1]}
+    task = await api.ok("POST", "/v1/purge", token, at_cap, status=202)
+    [change] = await api.changes(before)
+    assert change.payload["task"] == task["id"]
+    assert len(change.payload["items"]) == MAX_PURGE_ITEMS

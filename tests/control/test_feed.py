@@ -4,21 +4,19 @@ heartbeats, acks, task results, snapshot consistency, latency, and cross-replica
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import web
 from aiohttp.test_utils import TestClient
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import control.feed
@@ -37,6 +35,7 @@ from control.schema import (
     tasks,
     url_blocks,
 )
+from tests.control.conftest import SSE
 
 OP_TOKEN = "op-token"
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
@@ -44,41 +43,17 @@ NOW = datetime(2026, 11, 26, tzinfo=UTC)
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
 
-@dataclass
-class Event:
-    kind: str  # "snapshot" | "change" | "comment"
-    id: int | None = None
-    data: Any = None
-
-
-class SSE:
-    """A minimal text/event-stream reader over a response body."""
-
-    def __init__(self, response: ClientResponse) -> None:
-        self.response = response
-
-    async def next(self, *, timeout: float = 5.0, heartbeats: bool = False) -> Event:
-        fields: dict[str, str] = {}
-        while True:
-            raw = await asyncio.wait_for(self.response.content.readline(), timeout)
-            if not raw:
-                raise EOFError("the stream ended")
-            line = raw.decode().rstrip("\n")
-            if line.startswith(":"):
-                if heartbeats:
-                    return Event("comment", data=line[1:].strip())
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                fields[name] = value
-            elif fields:
-                return Event(fields["event"], int(fields["id"]), json.loads(fields["data"]))
-
-    async def close(self) -> None:
-        self.response.close()
-
-
 # --- rows inserted directly ------------------------------------------------------------------
+
+
+async def change_at(db: AsyncEngine, version: int) -> str:
+    """The change's created_at as events carry it: ISO 8601, microseconds, offset."""
+    async with db.connect() as conn:
+        at = (
+            await conn.execute(select(changes.c.created_at).where(changes.c.version == version))
+        ).scalar_one()
+    assert isinstance(at, datetime)
+    return at.isoformat(timespec="microseconds")
 
 
 async def add_account(db: AsyncEngine) -> int:
@@ -189,9 +164,11 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def open_stream(client: TestClient[Any, Any], token: str, since: int | None = None) -> SSE:
-    query = "" if since is None else f"?since={since}"
-    response = await client.get(f"/v1/edge/events{query}", headers=auth(token))
+async def open_stream(
+    client: TestClient[Any, Any], token: str, since: int | None = None, at: str | None = None
+) -> SSE:
+    query = {k: v for k, v in (("since", since), ("at", at)) if v is not None}
+    response = await client.get("/v1/edge/events", params=query, headers=auth(token))
     assert response.status == 200, await response.text()
     assert response.headers["Content-Type"] == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-store"
@@ -224,6 +201,7 @@ async def test_since_zero_starts_with_a_snapshot(
     assert snapshot.kind == "snapshot" and snapshot.id == 2
     assert snapshot.data == {
         "version": 2,
+        "at": await change_at(db, 2),
         "domains": [
             {
                 "name": "a.example",
@@ -231,12 +209,8 @@ async def test_since_zero_starts_with_a_snapshot(
                 "reason": "",
                 "config": {"origins": ["http://127.0.0.1:8081"]},
             },
-            {
-                "name": "b.example",
-                "state": "terminated",
-                "reason": "agreement 6.3",
-                "config": {"origins": ["http://127.0.0.1:8081"]},
-            },
+            # an edge only answers 404 for a terminated domain: it gets no config
+            {"name": "b.example", "state": "terminated", "reason": "agreement 6.3"},
         ],
         "blocks": [{"domain": "a.example", "pattern": "/x*", "reason": "court order"}],
     }
@@ -247,6 +221,7 @@ async def test_since_zero_starts_with_a_snapshot(
         "version": v3,
         "kind": "purge",
         "payload": {"task": 0, "type": "domain", "items": []},
+        "at": await change_at(db, v3),
     }
     await stream.close()
     async with db.connect() as conn:
@@ -257,7 +232,7 @@ async def test_since_zero_starts_with_a_snapshot(
 
     response = await client.get("/v1/edge/snapshot", headers=auth(token))
     assert response.status == 200
-    assert await response.json() == {**snapshot.data, "version": v3}
+    assert await response.json() == {**snapshot.data, "version": v3, "at": change.data["at"]}
 
 
 async def test_resume_delivers_exactly_the_later_changes_in_order(
@@ -350,7 +325,46 @@ async def test_since_newer_than_the_newest_version_gets_a_snapshot(
     await stream.close()
 
 
-@pytest.mark.parametrize("since", ["abc", "-1", "1.5", "", "%2B1", "1" + "0" * 30])
+async def test_an_edge_on_a_divergent_history_gets_a_snapshot(
+    db: AsyncEngine, serve: Serve, edge: tuple[int, str]
+) -> None:
+    """A control plane restored from a backup reuses versions: the edge's (version, at) tells
+    whether its change V is the one in this log."""
+    _, token = edge
+    client, feed = await serve()
+    await write(feed, 3)
+    at = await change_at(db, 2)
+    # the same history, whichever way the instant is written: resume after 2
+    same = datetime.fromisoformat(at).astimezone(timezone(timedelta(hours=8))).isoformat()
+    for when in (at, same):
+        stream = await open_stream(client, token, since=2, at=when)
+        event = await stream.next()
+        assert (event.kind, event.id, event.data["at"]) == ("change", 3, await change_at(db, 3))
+        await stream.close()
+    # the edge applied another change 2 (a history the restore threw away)
+    other = (datetime.fromisoformat(at) - timedelta(microseconds=1)).isoformat()
+    stream = await open_stream(client, token, since=2, at=other)
+    snapshot = await stream.next()
+    assert (snapshot.kind, snapshot.id) == ("snapshot", 3)
+    assert snapshot.data["at"] == await change_at(db, 3)
+    [v4] = await write(feed)
+    assert (await stream.next()).id == v4
+    await stream.close()
+
+
+@pytest.mark.parametrize("at", ["yesterday", "", "2026-11-26T10:00:00", "2026-13-01T00:00:00Z"])
+async def test_a_bad_at_is_400(serve: Serve, edge: tuple[int, str], at: str) -> None:
+    client, feed = await serve()
+    await write(feed)
+    response = await client.get(
+        "/v1/edge/events", params={"since": 1, "at": at}, headers=auth(edge[1])
+    )
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    assert "at" in (await response.json())["detail"]
+
+
+@pytest.mark.parametrize("since", ["abc", "-1", "1.5", "", "%2B1", "1" + "0" * 30, "²"])
 async def test_a_bad_since_is_400(serve: Serve, edge: tuple[int, str], since: str) -> None:
     client, _ = await serve()
     response = await client.get(f"/v1/edge/events?since={since}", headers=auth(edge[1]))
@@ -426,6 +440,60 @@ async def test_a_client_going_away_ends_its_stream_quietly(
     assert (await live.next(heartbeats=True)).kind == "comment"
     await live.close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_end_streams_of_ends_only_that_edges_streams(
+    db: AsyncEngine, serve: Serve, edge: tuple[int, str]
+) -> None:
+    client, feed = await serve()  # heartbeat 30 s: only end_streams_of can end it in time
+    _, other = await add_edge(db, "edge-2")
+    gone = [await open_stream(client, edge[1]) for _ in range(2)]
+    kept = await open_stream(client, other)
+    for stream in (*gone, kept):
+        assert (await stream.next()).kind == "snapshot"
+    feed.end_streams_of(edge[0])
+    for stream in gone:
+        with pytest.raises(EOFError):
+            await stream.next(timeout=2)
+        await stream.close()
+    [v1] = await write(feed)
+    assert (await kept.next()).id == v1
+    await kept.close()
+
+
+@pytest.mark.parametrize("death", ["edge deleted", "token revoked", "edge deleted, busy feed"])
+async def test_a_stream_whose_token_died_elsewhere_ends_at_the_next_heartbeat(
+    db: AsyncEngine, serve: Serve, edge: tuple[int, str], death: str
+) -> None:
+    edge_id, token = edge
+    client, feed = await serve(heartbeat=0.2)
+    stream = await open_stream(client, token)
+    assert (await stream.next()).kind == "snapshot"
+
+    async def busy() -> None:  # a change more often than the heartbeat: the stream never idles
+        while True:
+            await write(feed)
+            await asyncio.sleep(0.05)
+
+    writer = asyncio.create_task(busy()) if "busy" in death else None
+    # as another replica would: nothing tells this process's feed
+    async with db.begin() as conn:
+        if death.startswith("edge deleted"):
+            await conn.execute(update(edges).where(edges.c.id == edge_id).values(deleted_at=NOW))
+        else:
+            await conn.execute(
+                update(api_tokens).where(api_tokens.c.edge_id == edge_id).values(revoked_at=NOW)
+            )
+    started = time.monotonic()
+    try:
+        with pytest.raises(EOFError):
+            while time.monotonic() - started < 5:
+                await stream.next(timeout=2, heartbeats=True)
+        assert time.monotonic() - started < 1.5
+    finally:
+        if writer is not None:
+            writer.cancel()
+    await stream.close()
 
 
 # --- who may ---------------------------------------------------------------------------------
@@ -572,7 +640,8 @@ async def test_read_snapshot_does_not_see_a_later_commit(db: AsyncEngine) -> Non
         async with db.begin() as conn:
             await conn.execute(domain_row(account, "late.example"))
             await publish(conn, "domain.upsert", {"domain": {"name": "late.example"}})
-        assert await build_state(snap) == before == {"version": 0, "domains": [], "blocks": []}
+        empty: dict[str, Any] = {"version": 0, "at": None, "domains": [], "blocks": []}
+        assert await build_state(snap) == before == empty
     async with read_snapshot(db) as snap:
         after = await build_state(snap)
     assert after["version"] == 1 and [d["name"] for d in after["domains"]] == ["late.example"]

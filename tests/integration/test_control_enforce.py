@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -86,10 +87,14 @@ async def make_control_edge(tmp_path: Path) -> AsyncIterator[ControlEdgeFactory]
     workers: list[EdgeWorker] = []
 
     async def start(
-        origin: str, state: dict[str, Any] | None = None, state_dir: Path | None = None
+        origin: str,
+        state: dict[str, Any] | None = None,
+        state_dir: Path | None = None,
+        *,
+        flush: bool = False,
     ) -> ControlEdge:
         config = parse_config(config_text(state_dir or tmp_path / "edge", origin), "t.toml")
-        worker = EdgeWorker(config, control_state=state or initial_state(origin))
+        worker = EdgeWorker(config, control_state=state or initial_state(origin), flush=flush)
         await worker.start()
         workers.append(worker)
         return ControlEdge(worker)
@@ -181,6 +186,21 @@ async def test_a_domain_the_edge_refuses_is_unknown(
     assert (await get(edge, "/a")).status == 200
 
 
+async def test_a_terminated_domain_comes_without_config(
+    make_origin: Any, make_control_edge: ControlEdgeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    origin = await make_origin({"/a": fresh()})
+    state = initial_state(origin.url)
+    state["domains"].append({"name": "gone.test", "state": "terminated", "reason": "6.3"})
+    with caplog.at_level(logging.WARNING, logger="edge.worker"):
+        edge = await make_control_edge(origin.url, state)
+        assert (await get(edge, "/a", host="gone.test")).status == 404
+        edge.change("domain.state", {"name": HOST, "state": "terminated", "reason": "6.3"})
+        assert (await get(edge, "/a")).status == 404
+    assert not caplog.records
+    assert origin.hits == {}
+
+
 # ------------------------------------------------------------------------------ blocks
 
 
@@ -203,6 +223,28 @@ async def test_blocked_urls_answer_451(
     assert (await get(edge, "/court.html?x=1")).status == 200  # and nothing 451 was cached
     assert (await get(edge, "/leaks/b")).status == 451
     assert origin.hits["/court.html"] == 1
+
+
+async def test_blocks_cannot_be_stepped_around(
+    make_origin: Any, make_control_edge: ControlEdgeFactory
+) -> None:
+    """Dot segments, doubled slashes and an escaped slash reach the same file at an origin
+    that resolves them: each is refused before the origin is asked."""
+    origin = await make_origin({"/blocked/file.txt": fresh(), "/public/ok": fresh()})
+    edge = await make_control_edge(origin.url)
+    edge.change("block", {"domain": HOST, "pattern": "/blocked/file.txt", "reason": "order"})
+    edge.change("block", {"domain": HOST, "pattern": "/blocked/*", "reason": "order"})
+    for target in (
+        "/public/../blocked/file.txt",
+        "/./blocked/file.txt",
+        "//blocked/file.txt",
+        "/blocked%2Ffile.txt",
+        "/public/%2E%2E/blocked/file.txt?x",
+    ):
+        resp = await get(edge, target)
+        assert resp.status == 451, target
+    assert origin.hits == {}
+    assert (await get(edge, "/public/ok")).status == 200
 
 
 # ------------------------------------------------------------------------------ purges
@@ -337,50 +379,165 @@ async def test_a_purge_during_a_fill_stores_nothing(
     assert origin.hits == {"/slow": 2, "/tagged": 2}
 
 
+@pytest.mark.parametrize(("kind", "value"), [("url", "/big"), ("prefix", "/b")])
+async def test_a_purge_during_a_slice_fetch_stores_nothing(
+    make_origin: Any, make_control_edge: ControlEdgeFactory, tmp_path: Path, kind: str, value: str
+) -> None:
+    """A slice takes 2 s to arrive; at 0.5 s the origin has new bytes and the URL is purged:
+    the old slice reaches its client but is never served again, not even after a restart."""
+    version = [1]
+    size = (1 << 20) + 4096  # two slices of the default 1 MiB; a seek reads the first
+
+    async def big(req: web.Request) -> web.StreamResponse:
+        body = bytes([version[0]]) * size
+        first, _, last = req.headers["Range"].partition("=")[2].partition("-")
+        start, end = int(first), min(int(last) + 1, size)
+        resp = web.StreamResponse(
+            status=206,
+            headers={
+                **CACHEABLE,
+                "ETag": f'"v{version[0]}"',
+                "Content-Range": f"bytes {start}-{end - 1}/{size}",
+                "Content-Length": str(end - start),
+            },
+        )
+        await resp.prepare(req)
+        old = version[0] == 1
+        step = -(-(end - start) // 8)
+        for offset in range(start, end, step):  # the old body trickles in over 2 s
+            await asyncio.sleep(0.25 if old else 0)
+            await resp.write(body[offset : min(offset + step, end)])
+        await resp.write_eof()
+        return resp
+
+    origin = await make_origin({"/big": big})
+    edge = await make_control_edge(origin.url)
+    seek = {"Range": "bytes=0-99"}
+    pending = asyncio.ensure_future(get(edge, "/big", seek))
+    while not origin.hits.get("/big"):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
+    version[0] = 2
+    edge.purge(kind, value)
+    old = await pending
+    assert old.status == 206 and old.body == b"\x01" * 100  # its client still gets it
+    again = await get(edge, "/big", seek)
+    assert again.body == b"\x02" * 100 and "hit" not in cs_params(again)
+    assert cs_params(await get(edge, "/big", seek)).get("hit") is True
+    await edge.worker.stop(grace=1.0)
+
+    state = initial_state(origin.url) | {"version": edge.worker.config_version}
+    restarted = await make_control_edge(origin.url, state, tmp_path / "edge")
+    resp = await get(restarted, "/big", seek)
+    assert resp.body == b"\x02" * 100 and cs_params(resp).get("hit") is True
+    assert origin.hits == {"/big": 2}
+
+
+async def test_a_flushed_snapshot_bans_everything_stored_before_it(
+    make_origin: Any, make_control_edge: ControlEdgeFactory, tmp_path: Path
+) -> None:
+    """A STATE with "flush" (purges may have been missed): nothing stored before it is served
+    again, on disk either, for its domains and the old state's; without it the cache stays."""
+    origin = await make_origin({"/a": fresh(), "/b": fresh()})
+    edge = await make_control_edge(origin.url)
+    edge.change("block", {"domain": HOST, "pattern": "/x", "reason": ""})  # the lead
+    kept = await cached(edge, "/a")
+    await cached(edge, "/b", host=OTHER)
+    await edge.settled(2)
+    state = initial_state(origin.url)
+    edge.worker.replace_state(state | {"version": 7, "domains": state["domains"][:1]})
+    assert (await get(edge, "/a")).body == kept.body
+    edge.worker.replace_state(state | {"version": 8}, flush=True)
+    resp = await get(edge, "/a")
+    assert resp.body != kept.body and "hit" not in cs_params(resp)
+    assert "hit" not in cs_params(await get(edge, "/b", host=OTHER))
+    await cached(edge, "/a")
+    for _ in range(300):  # the lead's walk removed the old files, the bans are done
+        if not len(edge.worker.proxy.tiers.bans):
+            break
+        await asyncio.sleep(0.01)
+    assert not len(edge.worker.proxy.tiers.bans)
+    await edge.settled(2)
+    assert origin.hits == {"/a": 2, "/b": 2}
+
+    await edge.worker.stop(grace=1.0)  # a restart: the first STATE, without and with flush
+    state_dir = tmp_path / "edge"
+    again = await make_control_edge(origin.url, state | {"version": 8}, state_dir)
+    after = await cached(again, "/a")
+    await again.worker.stop(grace=1.0)
+    flushed = await make_control_edge(origin.url, state | {"version": 9}, state_dir, flush=True)
+    resp = await get(flushed, "/a")
+    assert resp.body != after.body and "hit" not in cs_params(resp)
+    assert origin.hits == {"/a": 3, "/b": 2}
+
+
 # ------------------------------------------------------------------------------ supervised
 
 
-async def test_worker_process_control_loop(make_origin: Any, tmp_path: Path) -> None:
-    """The supervisor's side of the control socket, played by the test: the first config
-    line carries the STATE; changes and states are answered with applied."""
-    origin = await make_origin({"/a": fresh()})
-    ours, theirs = socket.socketpair()
-    listener = listen_socket("127.0.0.1", 0)
-    port = listener.getsockname()[1]
-    worker = asyncio.ensure_future(run_worker_process(theirs.detach(), listener.detach()))
-    reader, writer = await asyncio.open_unix_connection(sock=ours)
+class ControlSocket:
+    """The supervisor's side of a worker process's control socket, played by the test."""
 
-    def send(message: dict[str, Any]) -> None:
-        writer.write(json.dumps(message).encode() + b"\n")
+    def __init__(self, tmp_path: Path, origin: str) -> None:
+        self.state_dir = tmp_path / "edge"
+        self.origin = origin
+        ours, theirs = socket.socketpair()
+        listener = listen_socket("127.0.0.1", 0)
+        self.port = listener.getsockname()[1]
+        self.ours = ours
+        self.process = asyncio.ensure_future(run_worker_process(theirs.detach(), listener.detach()))
 
-    async def receive(op: str) -> dict[str, Any]:
+    async def start(self, state: dict[str, Any], **hello: Any) -> None:
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=self.ours)
+        text = config_text(self.state_dir, self.origin)
+        self.send({"op": "config", "source": "t.toml", "text": text, "grace": 1.0,
+                   "control": state, **hello})  # fmt: skip
+        assert (await self.receive("ready"))["pid"] == os.getpid()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.writer.write(json.dumps(message).encode() + b"\n")
+
+    async def receive(self, op: str) -> dict[str, Any]:
         while True:
-            message: dict[str, Any] = json.loads(await asyncio.wait_for(reader.readline(), 10))
+            line = await asyncio.wait_for(self.reader.readline(), 10)
+            message: dict[str, Any] = json.loads(line)
             if message["op"] == op:
                 return message
 
-    async def fetch(target: str) -> RawResponse:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        w.write(f"GET {target} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    async def fetch(self, target: str, host: str = HOST) -> RawResponse:
+        r, w = await asyncio.open_connection("127.0.0.1", self.port)
+        w.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         try:
             return await read_response(r)
         finally:
             w.close()
 
+    def bans(self) -> dict[str, Any]:
+        saved: dict[str, Any] = json.loads((self.state_dir / "control" / "bans.json").read_bytes())
+        return saved
+
+    async def stop(self) -> None:
+        self.writer.close()  # end of file: the worker drains and stops
+        await asyncio.wait_for(self.process, 10)
+
+
+def purge_change(version: int, kind: str, value: str, host: str = HOST) -> dict[str, Any]:
+    items = [{"domain": host, "value": value}]
+    return {
+        "version": version,
+        "kind": "purge",
+        "payload": {"task": 1, "type": kind, "items": items},
+    }
+
+
+async def test_worker_process_control_loop(make_origin: Any, tmp_path: Path) -> None:
+    """The first config line carries the STATE; changes and states are answered with
+    applied."""
+    origin = await make_origin({"/a": fresh()})
+    sup = ControlSocket(tmp_path, origin.url)
     try:
-        text = config_text(tmp_path / "edge", origin.url)
-        send(
-            {
-                "op": "config",
-                "source": "t.toml",
-                "text": text,
-                "grace": 1.0,
-                "control": initial_state(origin.url),
-            }
-        )
-        assert (await receive("ready"))["pid"] == os.getpid()
-        assert (await fetch("/a")).status == 200
-        send(
+        await sup.start(initial_state(origin.url))
+        assert (await sup.fetch("/a")).status == 200
+        sup.send(
             {
                 "op": "change",
                 "version": 2,
@@ -389,9 +546,9 @@ async def test_worker_process_control_loop(make_origin: Any, tmp_path: Path) -> 
                 "payload": {"name": HOST, "state": "suspended", "reason": "r"},
             }
         )
-        assert await receive("applied") == {"op": "applied", "version": 2}
-        assert (await fetch("/a")).status == 403
-        send(
+        assert await sup.receive("applied") == {"op": "applied", "version": 2}
+        assert (await sup.fetch("/a")).status == 403
+        sup.send(
             {
                 "op": "change",
                 "version": 2,
@@ -400,17 +557,82 @@ async def test_worker_process_control_loop(make_origin: Any, tmp_path: Path) -> 
                 "payload": {"name": HOST},
             }
         )  # a redelivered version: ignored, still answered
-        assert await receive("applied") == {"op": "applied", "version": 2}
-        assert (await fetch("/a")).status == 403
-        state = initial_state(origin.url) | {"version": 9}
-        send({"op": "state", "state": state})
-        assert await receive("applied") == {"op": "applied", "version": 9}
-        assert (await fetch("/a")).status == 200
-        send({"op": "stats", "id": 1})
-        assert (await receive("stats"))["snapshot"]["gauges"]["config_version"] == 9
+        assert await sup.receive("applied") == {"op": "applied", "version": 2}
+        assert (await sup.fetch("/a")).status == 403
+        sup.send({"op": "state", "state": initial_state(origin.url) | {"version": 9}})
+        assert await sup.receive("applied") == {"op": "applied", "version": 9}
+        assert (await sup.fetch("/a")).status == 200
+        sup.send({"op": "stats", "id": 1})
+        assert (await sup.receive("stats"))["snapshot"]["gauges"]["config_version"] == 9
     finally:
-        writer.close()  # end of file: the worker drains and stops
-        await asyncio.wait_for(worker, 10)
+        await sup.stop()
+
+
+async def test_a_restarted_worker_flushes_and_replays(make_origin: Any, tmp_path: Path) -> None:
+    """A worker started with "flush" bans what was stored before it; a "replay" applies the
+    purges of changes older than its state, the lead answering once its bans are on disk."""
+    origin = await make_origin({"/a": fresh(), "/b": fresh(), "/c": fresh()})
+    state = initial_state(origin.url) | {"version": 20}
+    first = ControlSocket(tmp_path, origin.url)
+    await first.start(state)
+    bodies = {t: (await first.fetch(t)).body for t in ("/a", "/b")}
+    other = (await first.fetch("/c", OTHER)).body
+    await first.stop()
+
+    kept = ControlSocket(tmp_path, origin.url)
+    await kept.start(state)
+    assert (await kept.fetch("/a")).body == bodies["/a"]  # the disk tier survives a restart
+    kept.send({"op": "replay", "changes": [], "lead": True})
+    assert await kept.receive("applied") == {"op": "applied", "version": 20}
+    kept.send(
+        {
+            "op": "replay",
+            "lead": True,
+            "changes": [
+                purge_change(11, "url", "/a"),
+                {"version": 12, "kind": "domain.delete", "payload": {"name": OTHER}},
+                {"version": 13, "kind": "block", "payload": {"domain": HOST, "pattern": "/b"}},
+            ],
+        }
+    )
+    assert await kept.receive("applied") == {"op": "applied", "version": 13}
+    saved = kept.bans()  # durable before the answer
+    assert {(b["version"], b["kind"], b["key"]) for b in saved["bans"]} >= {
+        (11, "url", f"{HOST}/a")
+    }
+    assert (await kept.fetch("/a")).body != bodies["/a"]
+    assert (await kept.fetch("/b")).body == bodies["/b"]  # the block was not replayed
+    assert (await kept.fetch("/c", OTHER)).body != other  # nor the state: still served
+    await kept.stop()
+
+    flushed = ControlSocket(tmp_path, origin.url)
+    await flushed.start(state, flush=True)
+    assert (await flushed.fetch("/b")).body != bodies["/b"]
+    await flushed.stop()
+    assert origin.hits == {"/a": 2, "/b": 2, "/c": 2}
+
+
+async def test_a_burst_of_purges_refetches_every_url(make_origin: Any, tmp_path: Path) -> None:
+    """200 URL purges back to back: every purged URL is fetched anew, the lead answers each
+    once it is on disk, and the ban file ends up with all of them."""
+    count = 200
+    origin = await make_origin({f"/p{i}": fresh() for i in range(count)})
+    sup = ControlSocket(tmp_path, origin.url)
+    try:
+        await sup.start(initial_state(origin.url))
+        before = [(await sup.fetch(f"/p{i}")).body for i in range(count)]
+        for i in range(count):
+            sup.send({"op": "change", **purge_change(2 + i, "url", f"/p{i}"), "lead": True})
+        for i in range(count):
+            assert await sup.receive("applied") == {"op": "applied", "version": 2 + i}
+        saved = sup.bans()
+        assert saved["version"] == count + 1
+        assert {b["key"] for b in saved["bans"]} == {f"{HOST}/p{i}" for i in range(count)}
+        for i in range(count):
+            assert (await sup.fetch(f"/p{i}")).body != before[i], i
+        assert set(origin.hits.values()) == {2}
+    finally:
+        await sup.stop()
 
 
 @on_one_loop

@@ -1,20 +1,26 @@
 """An edge following a control plane (control/README.md, "The feed", "The edge's side").
 
 `FakeControl` is the feed side of the control plane, small enough to read next to the README:
-a change log with gap-free versions, snapshots for `since` 0 / pruned / from the future,
-heartbeats, and the ack and task-result routes, recording what edges post. The follower is
+a change log with gap-free versions, snapshots for `since` 0 / pruned / from the future / with
+another `at` (a control plane restored from a backup), heartbeats, and the ack and task-result
+routes, recording what edges post. The follower is
 tested in-process against it; the supervised edge as operators run it, `cdn edge`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
+import itertools
 import json
 import logging
+import os
 import signal
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +30,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edge.config import ControlSettings, parse_config
-from edge.follow import Change, ControlFollower, State, load_state
-from edge.supervisor import Generation, Supervisor
+from edge.follow import Change, ControlFollower, State, load_saved
+from edge.supervisor import (
+    PREFETCH_CONCURRENCY,
+    PREFETCH_TASKS,
+    Asked,
+    Generation,
+    Supervisor,
+    WorkerProcess,
+)
 from edge.worker import EdgeWorker
 from tests.integration.conftest import Origin
 from tests.integration.test_supervisor import (
@@ -61,10 +74,13 @@ class FakeControl:
         self.log: list[Change] = []  # log[i] has version i + 1
         self.oldest = 1  # changes before this one are pruned: such a `since` gets a snapshot
         self.domains: dict[str, dict[str, Any]] = {}
+        self.backups: list[dict[str, dict[str, Any]]] = []  # backups[i]: domains at version i + 1
+        self.malformed: set[int] = set()  # versions whose change event is sent broken
         self.down = False  # answer 503 and drop open feeds
         self.silent = False  # no heartbeats
         self.gap_once = False  # skip one change on the next stream (a broken control plane)
         self.since: list[int] = []  # `since` of every feed request, in order
+        self.at: list[str | None] = []  # and its `at`
         self.acks: list[int] = []
         self.results: dict[str, dict[str, Any]] = {}
         self.refused = 0
@@ -76,9 +92,18 @@ class FakeControl:
 
     def publish(self, kind: str, payload: dict[str, Any]) -> int:
         self.version += 1
-        self.log.append({"version": self.version, "kind": kind, "payload": payload})
+        at = datetime.now(UTC).isoformat()
+        self.log.append({"version": self.version, "kind": kind, "payload": payload, "at": at})
+        self.backups.append(copy.deepcopy(self.domains))
         self.wake()
         return self.version
+
+    def restore(self, version: int) -> None:
+        """Back to the state at `version`, as from a backup: later changes are forgotten, and
+        new ones get those versions again."""
+        self.version = version
+        del self.log[version:], self.backups[version:]
+        self.domains = copy.deepcopy(self.backups[-1]) if version else {}
 
     def upsert(self, name: str, origin: str) -> int:
         domain = {"name": name, "state": "active", "reason": "", "config": {"origins": [origin]}}
@@ -90,7 +115,12 @@ class FakeControl:
         return self.publish("domain.state", {"name": name, "state": state, "reason": reason})
 
     def snapshot(self) -> State:
-        return {"version": self.version, "domains": list(self.domains.values()), "blocks": []}
+        return {
+            "version": self.version,
+            "at": self.log[-1]["at"] if self.log else None,
+            "domains": list(self.domains.values()),
+            "blocks": [],
+        }
 
     def wake(self) -> None:
         self._wake.set()
@@ -114,12 +144,23 @@ class FakeControl:
         refusal = self._refuse(request)
         if refusal is not None:
             return refusal
-        since = int(request.query.get("since", "0"))
+        since, at = int(request.query.get("since", "0")), request.query.get("at")
+        try:
+            if at is not None:
+                datetime.fromisoformat(at)
+        except ValueError:
+            return web.Response(status=400, text=f"at must be an ISO time, got {at!r}")
         self.since.append(since)
+        self.at.append(at)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         sent = since
-        if since == 0 or since < self.oldest - 1 or since > self.version:
+        if (
+            since == 0
+            or since < self.oldest - 1
+            or since > self.version
+            or (at is not None and self.log[since - 1]["at"] != at)
+        ):
             await resp.write(sse("snapshot", self.version, self.snapshot()))
             sent = self.version
         while not self.down:
@@ -127,7 +168,11 @@ class FakeControl:
                 if self.gap_once:
                     self.gap_once = False
                     continue
-                await resp.write(sse("change", change["version"], change))
+                version = change["version"]
+                bad = {"version": version, "kind": change["kind"]}  # no payload
+                await resp.write(
+                    sse("change", version, bad if version in self.malformed else change)
+                )
             sent = self.version
             wake = self._wake
             try:
@@ -185,6 +230,11 @@ async def control() -> AsyncIterator[Callable[..., Awaitable[FakeControl]]]:
         await fake.close()
 
 
+def saved_state(path: Path) -> State | None:
+    saved = load_saved(path)
+    return saved.state if saved is not None else None
+
+
 async def until(check: Callable[[], bool], failure: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -212,7 +262,7 @@ class Followed:
         )
 
     def saved(self) -> State | None:
-        return load_state(self.follower.path)
+        return saved_state(self.follower.path)
 
 
 @pytest.fixture
@@ -335,6 +385,67 @@ async def test_pruned_log_gets_a_snapshot(
     assert again.states == [fake.snapshot()] and again.changes == []
 
 
+async def test_a_control_plane_with_another_history_sends_a_snapshot(
+    control: Callable[..., Awaitable[FakeControl]], followed: Callable[..., Followed]
+) -> None:
+    """Restored from a backup at version 1, the control plane made another change 2: the edge,
+    at its own change 2, must not take the new change 3 on top of it."""
+    fake = await control()
+    fake.upsert(HOST, "http://o.test")
+    fake.upsert(OTHER, "http://o.test")
+    f = followed(fake.url)
+    await until(lambda: f.follower.persisted == 2, "not saved")
+    assert f.saved() == fake.snapshot()
+    at = fake.log[1]["at"]
+    await f.follower.stop()
+    fake.restore(1)
+    fake.upsert("third.example.test", "http://o.test")
+    fake.upsert("fourth.example.test", "http://o.test")
+    again = followed(fake.url)
+    await until(lambda: again.follower.state == fake.snapshot(), "kept the other history")
+    assert (fake.since[-2:], fake.at[-2:]) == ([0, 2], [None, at])
+    assert [state["version"] for state in again.states] == [3]
+    await until(lambda: again.saved() == fake.snapshot(), "not saved")
+
+
+async def test_a_refused_at_asks_for_a_snapshot(
+    control: Callable[..., Awaitable[FakeControl]],
+    followed: Callable[..., Followed],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An `at` the control plane cannot read (400) is not asked again and again."""
+    fake = await control()
+    fake.upsert(HOST, "http://o.test")
+    state = {"version": 1, "at": "yesterday", "domains": [], "blocks": []}
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "state.json").write_text(json.dumps(state))
+    f = followed(fake.url)
+    await until(lambda: f.follower.state == fake.snapshot(), "never asked for a snapshot")
+    assert fake.since == [0]
+    assert "HTTP 400" in caplog.text
+
+
+async def test_a_bad_event_asks_for_a_snapshot_once(
+    control: Callable[..., Awaitable[FakeControl]],
+    followed: Callable[..., Followed],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = await control()
+    fake.upsert(HOST, "http://o.test")
+    f = followed(fake.url)
+    await until(lambda: f.follower.version == 1, "no snapshot")
+    fake.malformed = {2}
+    fake.upsert(OTHER, "http://o.test")  # 2, sent without its payload
+    await until(lambda: f.follower.state == fake.snapshot(), "never got past the bad event")
+    assert fake.since == [0, 0] and f.follower.bad_events == 1
+    assert caplog.text.count("sent an event this edge cannot use") == 1
+    assert "malformed change event: KeyError('payload')" in caplog.text
+    fake.upsert("third.example.test", "http://o.test")  # and on from there, as usual
+    await until(lambda: f.follower.state == fake.snapshot(), "not following after it")
+    assert fake.since == [0, 0]
+
+
 async def test_refused_token_is_logged_without_the_token(
     control: Callable[..., Awaitable[FakeControl]],
     followed: Callable[..., Followed],
@@ -382,14 +493,53 @@ start_timeout = 1
         )
 
     def saved(self) -> State | None:
-        return load_state(self.state / "control" / "state.json")
+        return saved_state(self.state / "control" / "state.json")
+
+    def stored(self) -> list[Path]:
+        """The objects on the disk tier."""
+        objects = self.state / "cache" / "objects"
+        return [p for p in objects.rglob("*") if p.is_file() and "." not in p.name]
+
+    def saved_raw(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.state / "control" / "state.json").read_bytes()))
+        except (OSError, ValueError):
+            return {}
+
+    def saved_version(self) -> int | None:
+        return self.saved_raw().get("version")
+
+    def saved_flush(self) -> bool | None:
+        return self.saved_raw().get("flush")
 
 
 async def obj(req: web.Request) -> web.StreamResponse:
     return web.Response(body=BODY, headers={"Cache-Control": "max-age=60"})
 
 
-ROUTES = {"/obj": obj}
+def counted(delay: float = 0.0) -> tuple[Route, list[int]]:
+    """A cacheable route whose body changes on every fetch, and [requests in flight, most]."""
+    in_flight = [0, 0]
+    count = itertools.count(1)
+
+    async def handler(req: web.Request) -> web.StreamResponse:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            in_flight[0] -= 1
+        body = f"{req.path} #{next(count)}\n".encode()
+        return web.Response(body=body, headers={"Cache-Control": "max-age=600"})
+
+    return handler, in_flight
+
+
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Routes = dict[str, Route]
+ROUTES: Routes = {"/obj": obj}
+URL_PURGE = {"task": 1, "type": "url", "items": [{"domain": HOST, "value": "/p"}]}
+DISK = '[cache]\nmemory_max_object = "64KiB"\ndisk = "64MiB"\n'
 
 
 @pytest.fixture
@@ -398,8 +548,10 @@ async def controlled(
 ) -> AsyncIterator[Callable[..., Awaitable[ControlledEdge]]]:
     started: list[ControlledEdge] = []
 
-    async def make(control_url: str, *, workers: int = 2, token: str = TOKEN) -> ControlledEdge:
-        origin = await make_origin(ROUTES)
+    async def make(
+        control_url: str, *, workers: int = 2, token: str = TOKEN, routes: Routes = ROUTES
+    ) -> ControlledEdge:
+        origin = await make_origin(routes)
         process = ControlledEdge(tmp_path, origin, control_url, workers, token)
         started.append(process)
         return process
@@ -425,6 +577,7 @@ async def test_edge_starts_from_the_snapshot_and_follows(
     await until_metric(e, "cdn_edge_config_version", 1)
     m = await e.metrics()
     assert m["cdn_edge_control_connected"] == 1
+    assert m["cdn_edge_control_bad_events_total"] == 0
     assert 0 <= m["cdn_edge_control_contact_age_seconds"] < 1
     await asyncio.sleep(0.5)  # heartbeats keep the contact fresh
     assert (await e.metrics())["cdn_edge_control_contact_age_seconds"] < 0.5
@@ -562,40 +715,90 @@ def test_changes_go_to_every_live_worker_with_one_lead_and_acks_wait_for_all() -
     sup = Supervisor(config, text)
     follower = Followed("http://127.0.0.1:1", Path("unused"))
     sup.follower = follower.follower
-    follower.follower.state["version"] = 7
+    follower.follower.state["version"] = 6
     assert sup.applied_version() == 0  # nothing runs yet
     running, draining = Generation(2, config, text), Generation(1, config, text)
     draining.stopping = True
     sup._generations = [draining, running]
     sup.current = running
-    workers = {slot: StubWorker(applied=6) for slot in range(3)}
-    running.workers = workers  # type: ignore[assignment]
-    draining.workers = {0: StubWorker(applied=0)}  # type: ignore[dict-item]
+    workers = [StubWorker(sup, running, slot, applied=6) for slot in range(3)]
+    running.workers = dict(enumerate(workers))
+    old = StubWorker(sup, draining, 0, applied=0)
+    draining.workers = {0: old}
+    sup._lead = workers[0]
     workers[2].exited = True
-    sup._send_change({"version": 7, "kind": "purge", "payload": {}})
-    assert [w.sent for w in workers.values()] == [
+    purge = {"version": 7, "kind": "purge", "payload": {}}
+    sup._send_change(purge)
+    assert [w.sent for w in workers] == [
         [{"op": "change", "version": 7, "kind": "purge", "payload": {}, "lead": True}],
         [{"op": "change", "version": 7, "kind": "purge", "payload": {}, "lead": False}],
         [],
     ]
-    assert draining.workers[0].sent == []  # type: ignore[attr-defined]
+    assert old.sent == []
     assert sup.applied_version() == 6
-    workers[0].applied = 7
+    workers[0].answer("applied")
     assert sup.applied_version() == 6
-    workers[1].applied = 7
+    workers[1].answer("applied")
     assert sup.applied_version() == 7  # the dead worker and the draining one do not count
     workers[0].exited = workers[1].exited = True
-    assert sup.applied_version() == 7  # none alive: its successors start from the STATE
+    sup._send_change({"version": 8, "kind": "block", "payload": {}})
+    assert sup.applied_version() == 7  # none alive: nobody enforces 8 yet
 
 
-class StubWorker:
-    def __init__(self, applied: int) -> None:
-        self.applied = applied
+def test_a_new_lead_gets_the_purges_the_old_one_had_not_stored() -> None:
+    """The lead dies before it answered purge 7: the worker taking over replays it as the
+    lead, and once it answered, 7 is no longer kept."""
+    text = f'[edge]\nworkers = 2\n[control]\nurl = "http://127.0.0.1:1"\ntoken = "{TOKEN}"\n'
+    config = parse_config(text, "edge.toml")
+    sup = Supervisor(config, text)
+    followed = Followed("http://127.0.0.1:1", Path("unused"))
+    follower = sup.follower = followed.follower
+    generation = sup.current = Generation(1, config, text)
+    sup._generations = [generation]
+    lead, other = (StubWorker(sup, generation, slot, applied=6) for slot in range(2))
+    generation.workers = {0: lead, 1: other}
+    sup._lead = lead
+    follower.state["version"] = 7
+    purge = {"version": 7, "kind": "purge", "payload": {"type": "url", "items": []}}
+    follower.unled = [purge]
+    sup._send_change(purge)
+    other.answer("applied")  # enforced, but not by the lead: not durable yet
+    assert follower.unled == [purge]
+    lead.exited = True
+    sup._elect()
+    assert sup._lead is other
+    assert other.sent[-1] == {"op": "replay", "changes": [purge], "lead": True}
+    assert sup.applied_version() == 7 and follower.unled == [purge]
+    other.answer("applied")
+    assert follower.unled == []
+
+    # A reload: the lead's generation drains, a worker of the new one takes over.
+    new = Generation(2, config, text)
+    successor = StubWorker(sup, new, 0, applied=7)
+    new.workers = {0: successor}
+    sup._generations.append(new)
+    generation.stopping = True
+    sup._elect()
+    assert sup._lead is successor
+    assert other.sent[-1] == {"op": "replay", "changes": [], "lead": False}
+    assert successor.sent == [{"op": "replay", "changes": [], "lead": True}]
+
+
+class StubWorker(WorkerProcess):
+    """A worker without a process: what the supervisor sends it is recorded, and `answer`
+    answers it as the worker would."""
+
+    def __init__(self, sup: Supervisor, generation: Generation, slot: int, applied: int) -> None:
+        self.sup, self.generation, self.slot, self.pid = sup, generation, slot, 1000 + slot
+        self.applied, self.asked, self.lead_flushed = applied, deque[Asked](), False
         self.exited = False
         self.sent: list[dict[str, object]] = []
 
     def send(self, message: dict[str, object]) -> None:
         self.sent.append(message)
+
+    def answer(self, op: str) -> None:
+        self.sup._from_worker(self, {"op": op})
 
 
 @needs_worker
@@ -617,6 +820,148 @@ async def test_prefetch_goes_through_the_edge_and_reports(
     assert resp.status == 200 and "hit" in (resp.header("cache-status") or "")
     assert e.origin_server.hits["/obj"] == 1
     assert total(await e.metrics(), "cdn_edge_requests_total") >= 3
+
+
+@needs_worker
+@on_one_loop
+async def test_prefetch_keeps_a_bound_for_the_whole_edge(
+    control: Callable[..., Awaitable[FakeControl]],
+    controlled: Callable[..., Awaitable[ControlledEdge]],
+) -> None:
+    """Two tasks of 20 URLs never have more than PREFETCH_CONCURRENCY requests in flight
+    together; past PREFETCH_TASKS admitted tasks, a task fails at once (edge busy)."""
+    handler, in_flight = counted(delay=0.2)
+    fake = await control()
+    e = await controlled(fake.url, routes={f"/s{n}": handler for n in range(60)})
+    fake.upsert(HOST, e.origin)
+    await e.start()
+    for task in range(2):
+        items = [{"domain": HOST, "value": f"/s{n}"} for n in range(20 * task, 20 * task + 20)]
+        fake.publish("prefetch", {"task": f"t{task}", "items": items})
+    await e.until(lambda: _true(len(fake.results) == 2), "no prefetch results")
+    assert fake.results == {f"t{t}": {"fetched": 20, "failed": []} for t in range(2)}
+    assert in_flight[1] == PREFETCH_CONCURRENCY
+
+    fake.results.clear()
+    for n in range(PREFETCH_TASKS + 1):
+        fake.publish("prefetch", {"task": f"u{n}", "items": [{"domain": HOST, "value": "/s59"}]})
+    await e.until(lambda: _true(len(fake.results) == PREFETCH_TASKS + 1), "no results")
+    refused = {"fetched": 0, "failed": [f"http://{HOST}/s59"]}
+    assert [t for t, result in fake.results.items() if result == refused] == [f"u{PREFETCH_TASKS}"]
+    assert "edge busy" in e.log_text()
+
+
+@on_one_loop
+async def test_a_purge_while_no_worker_runs_is_acked_once_a_worker_enforces_it(
+    control: Callable[..., Awaitable[FakeControl]],
+    controlled: Callable[..., Awaitable[ControlledEdge]],
+) -> None:
+    """workers = 1, restarting with a backoff: a url purge made meanwhile is not acked before
+    a worker enforces it, and the object it purged is not served from disk afterwards."""
+    handler, _ = counted()
+    fake = await control()
+    e = await controlled(fake.url, workers=1, routes={"/p": handler})
+    e.write_config(DISK)
+    fake.upsert(HOST, e.origin)
+    await e.start()
+    first = (await e.get("/p", HOST)).body
+    await e.until(lambda: _true(bool(e.stored())), "never stored on disk")
+    pids: set[int] = set()
+    for delay in ("", " in 0.5s", " in 1.0s", " in 2.0s"):  # quick deaths back off longer
+        await e.until(lambda: _true(bool(e.worker_pids() - pids)), "no new worker")
+        (pid,) = e.worker_pids() - pids
+        pids.add(pid)
+        os.kill(pid, signal.SIGKILL)
+        await e.until_logged(f"SIGKILL (exit code -9); restarting it{delay}\n")
+    version = fake.publish("purge", URL_PURGE)
+    await e.until(lambda: _true(e.saved_version() == version), "the purge was not followed")
+    assert e.worker_pids() == set(), "the worker came back too soon for this test"
+    await asyncio.sleep(0.2)
+    assert version not in fake.acks  # nobody enforces it yet
+    await e.until(lambda: _true(fake.acks[-1:] == [version]), "never acked", timeout=10)
+    assert (await e.get("/p", HOST)).body not in (first, b"")
+
+
+@needs_worker
+@on_one_loop
+async def test_a_snapshot_flushes_what_the_workers_stored(
+    control: Callable[..., Awaitable[FakeControl]],
+    controlled: Callable[..., Awaitable[ControlledEdge]],
+) -> None:
+    """A purge made while the edge was away and pruned from the log before it came back
+    reaches it only as a snapshot: the workers flush, so that nothing stored before is
+    served. The flush stays owed in state.json until every worker did it."""
+    handler, _ = counted()
+    fake = await control()
+    e = await controlled(fake.url, routes={"/p": handler})
+    fake.upsert(HOST, e.origin)
+    await e.start()
+    before = {(await e.get("/p", HOST)).body for _ in range(8)}  # both workers, likely
+    await e.until(lambda: _true(e.saved_flush() is False), "the start's flush never done")
+    fake.go_down()
+    await until_metric(e, "cdn_edge_control_connected", 0)
+    version = fake.publish("purge", URL_PURGE)
+    fake.oldest = version + 1  # pruned
+    fake.down = False
+    await e.until(lambda: _true(fake.acks[-1:] == [version]), "the snapshot never acked")
+    assert fake.since[-1] == version - 1 and fake.since.count(0) == 1
+    assert "flush" in e.saved_raw() and e.saved_flush() is False
+    after = {(await e.get("/p", HOST)).body for _ in range(8)}
+    assert not after & before, (before, after)
+
+
+@needs_worker
+@on_one_loop
+async def test_a_start_without_saved_state_flushes_the_disk_left_from_before(
+    control: Callable[..., Awaitable[FakeControl]],
+    controlled: Callable[..., Awaitable[ControlledEdge]],
+) -> None:
+    """state.json lost, the disk cache kept: the purges made meanwhile are unknown, so the
+    workers start with a flush, which the lead makes durable: an object not requested since
+    is not back after one more restart."""
+    handler, _ = counted()
+    fake = await control()
+    e = await controlled(fake.url, routes={"/p": handler, "/q": handler})
+    e.write_config(DISK)
+    fake.upsert(HOST, e.origin)
+    await e.start()
+    old = {(await e.get(path, HOST)).body for path in ("/p", "/q")}
+    await e.until(lambda: _true(len(e.stored()) == 2), "never stored on disk")
+    assert await e.stop() == 0
+    (e.state / "control" / "state.json").unlink()
+    fake.publish("purge", URL_PURGE)
+    await e.start()
+    assert {(await e.get("/p", HOST)).body for _ in range(8)} == {b"/p #3\n"}, old
+    await e.until(lambda: _true(e.saved_flush() is False), "the flush never done")
+    assert await e.stop() == 0
+    await e.start()
+    assert (await e.get("/q", HOST)).body == b"/q #4\n", old
+
+
+@needs_worker
+@on_one_loop
+async def test_a_flush_owed_at_a_crash_is_done_at_the_next_start(
+    control: Callable[..., Awaitable[FakeControl]],
+    controlled: Callable[..., Awaitable[ControlledEdge]],
+) -> None:
+    """The edge stopped after a snapshot and before its workers flushed: state.json says the
+    flush is owed, and the next start does it, even without the control plane."""
+    handler, _ = counted()
+    fake = await control()
+    e = await controlled(fake.url, routes={"/p": handler})
+    e.write_config(DISK)
+    fake.upsert(HOST, e.origin)
+    await e.start()
+    first = (await e.get("/p", HOST)).body
+    await e.until(lambda: _true(bool(e.stored())), "never stored on disk")
+    assert await e.stop() == 0
+    saved = e.saved_raw()
+    assert not saved.get("flush")
+    (e.state / "control" / "state.json").write_text(json.dumps(saved | {"flush": True}))
+    fake.go_down()
+    await e.start()
+    assert (await e.get("/p", HOST)).body == b"/p #2\n", first
+    await e.until(lambda: _true(e.saved_flush() is False), "the flush never done")
 
 
 async def _true(value: bool) -> bool:
@@ -649,7 +994,7 @@ async def test_end_to_end_with_the_control_plane(
     await migrate(engine)
     config = ControlConfig(
         source="test", admin_token=ADMIN, cname_suffix="cdn.test", heartbeat=0.5,
-        change_log_keep=3600.0,
+        change_log_keep=3600.0, origin_deny=(),  # the test's origin is on loopback
     )  # fmt: skip
     server = TestServer(make_app(config, engine), host="127.0.0.1")
     await server.start_server()

@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from edge.controlstate import EMPTY, ControlState, Purge, apply, apply_snapshot, parse_state
+from edge.controlstate import (
+    EMPTY,
+    ControlState,
+    Purge,
+    apply,
+    apply_snapshot,
+    canonical_path,
+    parse_state,
+)
 
 ORIGIN = {"origins": ["http://127.0.0.1:9"]}
 
@@ -210,3 +218,105 @@ def test_a_snapshot_purges_what_it_deleted_or_terminated() -> None:
     )
     assert applied.state.version == 40
     assert set(applied.purges) == {Purge("prefix", "b.test/"), Purge("prefix", "c.test/")}
+
+
+# ------------------------------------------------------------------------------ canonical paths
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("/blocked/file.txt", "/blocked/file.txt"),
+        ("/public/../blocked/file.txt", "/blocked/file.txt"),
+        ("/./blocked/file.txt", "/blocked/file.txt"),
+        ("//blocked//file.txt", "/blocked/file.txt"),
+        ("/blocked%2Ffile.txt", "/blocked/file.txt"),
+        ("/blocked%2ffile.txt", "/blocked/file.txt"),
+        ("/%2E%2E/%2e/blocked/%62lock%65d/..%2Ffile.txt", "/blocked/file.txt"),
+        ("/a/b/..", "/a/"),
+        ("/a/b/.", "/a/b/"),
+        ("/a/.git", "/a/.git"),
+        ("/a/..b/c", "/a/..b/c"),
+        ("/../../..", "/"),  # '..' above the root stays at the root
+        ("/..//../x", "/x"),
+        ("/a%00b", "/a\x00b"),  # a NUL is one more character, not an end
+        ("/a%zz%4%", "/a%zz%4%"),  # invalid escapes are kept as sent
+        ("/%25%32%46", "/%2F"),  # decoded once, as an origin decodes it
+        ("/caf%C3%A9", "/caf\xc3\xa9"),  # one character per byte
+        ("", "/"),
+        ("*", "/*"),
+    ],
+)
+def test_canonical_path(raw: str, canonical: str) -> None:
+    assert canonical_path(raw) == canonical
+
+
+def test_canonical_path_of_hostile_lengths() -> None:
+    assert canonical_path("/a" * 100_000) == "/a" * 100_000
+    assert canonical_path("/.." * 100_000 + "/x") == "/x"
+    assert canonical_path("/" * 100_000 + "x") == "/x"
+    assert canonical_path("%2F" * 100_000) == "/"
+
+
+def test_blocks_cannot_be_stepped_around() -> None:
+    s = state(
+        domain("a.test"),
+        blocks=[
+            {"domain": "a.test", "pattern": "/blocked/file.txt", "reason": "r"},
+            {"domain": "a.test", "pattern": "/dir/*", "reason": "d"},
+            {"domain": "a.test", "pattern": "/x/./y/../z%2Fw", "reason": "canonical too"},
+            {"domain": "a.test", "pattern": "/caf\xe9/*", "reason": "utf-8"},
+            {"domain": "a.test", "pattern": "/git/.*", "reason": "dot files"},
+        ],
+    )
+    gate = s.gates["a.test"]
+    for path in (
+        "/public/../blocked/file.txt",
+        "/./blocked/file.txt",
+        "//blocked/file.txt",
+        "/blocked%2Ffile.txt",
+        "/blocked/%2E/file.txt",
+        "/dir%2Fsecret",
+        "/other/..%2Fdir/a",
+        "/x/z/w",
+        "/caf%C3%A9/menu",
+        "/git/.env",
+    ):
+        assert gate.refusal(path) is not None, path
+    for path in ("/blocked/file.txt/..", "/dir", "/dirx/a", "/git/./x", "/cafe/menu"):
+        assert gate.refusal(path) is None, path
+
+
+# ------------------------------------------------------------------------------ terminated
+
+
+def test_a_terminated_domain_needs_no_config() -> None:
+    applied = parse_state(
+        {
+            "version": 3,
+            "domains": [
+                {"name": "t.test", "state": "terminated", "reason": "6.3"},
+                {"name": "u.test", "state": "terminated", "config": {"origins": []}},
+            ],
+            "blocks": [],
+        }
+    )
+    assert applied.problems == ()
+    assert applied.state.domains["t.test"].state == "terminated"
+    assert applied.state.serving == {}
+    upsert = apply(
+        state(domain("a.test")),
+        6,
+        "domain.upsert",
+        {"domain": {"name": "a.test", "state": "terminated", "reason": "x"}},
+    )
+    assert upsert.problems == () and upsert.purges == (Purge("prefix", "a.test/"),)
+    assert "a.test" not in upsert.state.serving
+    unknown = apply(
+        state(domain("a.test")),
+        6,
+        "domain.state",
+        {"name": "gone.test", "state": "terminated", "reason": "x"},
+    )
+    assert unknown.problems == () and unknown.purges == (Purge("prefix", "gone.test/"),)
+    assert unknown.state.domains["gone.test"].state == "terminated"

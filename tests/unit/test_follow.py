@@ -11,15 +11,17 @@ import pytest
 
 from edge.config import ControlSettings
 from edge.follow import (
+    BadEvent,
     Change,
     ControlFollower,
     ProtocolError,
+    Saved,
     SseEvent,
     SseParser,
     State,
     apply_change,
     empty_state,
-    load_state,
+    load_saved,
     write_atomically,
 )
 
@@ -55,12 +57,12 @@ def test_sse_events_split_anywhere(size: int) -> None:
 def test_sse_event_too_large() -> None:
     parser = SseParser(limit=100)
     parser.feed(b"data: " + b"x" * 60 + b"\n")
-    with pytest.raises(ProtocolError, match="larger than 100 bytes"):
+    with pytest.raises(BadEvent, match="larger than 100 bytes"):
         parser.feed(b"data: " + b"x" * 60)
 
 
 def test_sse_not_utf8() -> None:
-    with pytest.raises(ProtocolError, match="not UTF-8"):
+    with pytest.raises(BadEvent, match="not UTF-8"):
         SseParser().feed(b"data: \xff\n\n")
 
 
@@ -110,8 +112,10 @@ class Recorder:
         data = {"version": version, "domains": list(domains), "blocks": []}
         self.follower._handle(SseEvent("snapshot", str(version), json.dumps(data)))
 
-    def change(self, version: int, kind: str, payload: dict[str, Any]) -> None:
-        data = {"version": version, "kind": kind, "payload": payload}
+    def change(
+        self, version: int, kind: str, payload: dict[str, Any], at: str | None = None
+    ) -> None:
+        data = {"version": version, "kind": kind, "payload": payload, "at": at}
         self.follower._handle(SseEvent("change", str(version), json.dumps(data)))
 
 
@@ -124,15 +128,16 @@ def test_changes_apply_in_order_duplicates_ignored_gaps_refused(tmp_path: Path) 
     r.change(2, "domain.delete", {"name": "a.test"})
     assert [c["version"] for c in r.changes] == [4]
     assert [d["name"] for d in r.follower.state["domains"]] == ["a.test", "b.test"]
-    with pytest.raises(ProtocolError, match="change 6 follows version 4"):
+    with pytest.raises(ProtocolError, match="change 6 follows version 4") as gap:
         r.change(6, "domain.delete", {"name": "a.test"})
+    assert not isinstance(gap.value, BadEvent)  # asked again from 4, not from a snapshot
     assert r.follower.version == 4  # the caller reconnects with since=4
     r.change(5, "domain.state", {"name": "a.test", "state": "suspended", "reason": "unpaid"})
     assert r.follower.version == 5
     assert [c["kind"] for c in r.changes] == ["domain.upsert", "domain.state"]
     # A snapshot replaces everything, even with an older version (a restored control plane).
     r.snapshot(2)
-    assert r.follower.state == {"version": 2, "domains": [], "blocks": []}
+    assert r.follower.state == {"version": 2, "at": None, "domains": [], "blocks": []}
     assert len(r.states) == 2
 
 
@@ -145,10 +150,45 @@ def test_changes_apply_in_order_duplicates_ignored_gaps_refused(tmp_path: Path) 
         ("change", '{"kind": "domain.delete"}'),
     ],
 )
-def test_malformed_events_are_protocol_errors(tmp_path: Path, event: str, data: str) -> None:
+def test_malformed_events_are_bad_events(tmp_path: Path, event: str, data: str) -> None:
     r = Recorder(tmp_path)
-    with pytest.raises(ProtocolError, match=f"malformed {event} event"):
+    with pytest.raises(BadEvent, match=f"malformed {event} event"):
         r.follower._handle(SseEvent(event, "1", data))
+
+
+def test_at_purges_and_flush_are_kept(tmp_path: Path) -> None:
+    """A change's "at" becomes the state's; purging changes wait in `unled` until the lead
+    stored them; a snapshot owes a flush, which covers whatever was unled."""
+    r = Recorder(tmp_path)
+    terminated = {"name": "b.test", "state": "terminated", "reason": ""}  # may lack "config"
+    r.snapshot(1, domain("a.test"), terminated)
+    assert r.follower.flush_owed and r.follower.unled == []
+    r.follower.flushed()
+    r.change(2, "purge", {"task": 1, "type": "url", "items": []}, at="2026-01-01T00:00:02Z")
+    r.change(3, "block", {"domain": "a.test", "pattern": "/x", "reason": "r"}, at="t3")
+    r.change(4, "domain.upsert", {"domain": terminated}, at="t4")
+    r.change(5, "domain.state", {"name": "a.test", "state": "terminated", "reason": ""}, at="t5")
+    r.change(6, "domain.delete", {"name": "a.test"}, at="t6")
+    assert r.follower.state["at"] == "t6"
+    assert [c["version"] for c in r.follower.unled] == [2, 4, 5, 6]
+    assert r.follower.unled[0] == {
+        "version": 2, "kind": "purge", "payload": {"task": 1, "type": "url", "items": []},
+    }  # fmt: skip
+    r.follower.led(4)
+    assert [c["version"] for c in r.follower.unled] == [5, 6]
+    assert not r.follower.flush_owed
+    r.snapshot(7)
+    assert r.follower.flush_owed and r.follower.unled == []
+
+
+def test_flush_and_unled_are_saved_and_loaded(tmp_path: Path) -> None:
+    state = {"version": 9, "at": "t9", "domains": [domain("a.test")], "blocks": []}
+    unled = [{"version": 9, "kind": "purge", "payload": {"type": "domain", "items": []}}]
+    write_atomically(tmp_path / "control" / "state.json", Saved(state, True, unled).encode())
+    r = Recorder(tmp_path)
+    assert r.follower.load()
+    assert r.follower.state == state and r.follower.persisted == 9
+    assert r.follower.flush_owed and r.follower.unled == unled
 
 
 def test_the_token_is_not_in_the_settings_repr() -> None:
@@ -160,10 +200,10 @@ def test_the_token_is_not_in_the_settings_repr() -> None:
 
 def test_write_atomically_and_load(tmp_path: Path) -> None:
     path = tmp_path / "control" / "state.json"
-    assert load_state(path) is None
-    state = {"version": 7, "domains": [domain("a.test")], "blocks": []}
+    assert load_saved(path) is None
+    state = {"version": 7, "at": "t", "domains": [domain("a.test")], "blocks": []}
     write_atomically(path, json.dumps(state).encode())
-    assert load_state(path) == state
+    assert load_saved(path) == Saved(state)
     assert os.listdir(path.parent) == ["state.json"]
     assert path.stat().st_mode & 0o777 == 0o600
 
@@ -173,7 +213,7 @@ def test_a_crash_mid_write_leaves_the_old_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     path = tmp_path / "state.json"
-    old = {"version": 1, "domains": [], "blocks": []}
+    old = {"version": 1, "at": None, "domains": [], "blocks": []}
     write_atomically(path, json.dumps(old).encode())
 
     def crash(*args: object) -> None:
@@ -183,15 +223,23 @@ def test_a_crash_mid_write_leaves_the_old_file(
     with pytest.raises(OSError, match="power cut"):
         write_atomically(path, json.dumps({"version": 2}).encode() * 1000)
     monkeypatch.undo()
-    assert load_state(path) == old
+    assert load_saved(path) == Saved(old)
     # The next write replaces the leftover temp file too.
     write_atomically(path, json.dumps(old | {"version": 3}).encode())
-    assert load_state(path) == old | {"version": 3}
+    assert load_saved(path) == Saved(old | {"version": 3})
     assert os.listdir(tmp_path) == ["state.json"]
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"{trunc", b"[]", b'{"version": -1, "domains": [], "blocks": []}']
+    "content",
+    [
+        b"",
+        b"{trunc",
+        b"[]",
+        b'{"version": -1, "domains": [], "blocks": []}',
+        b'{"version": 1, "at": 5, "domains": [], "blocks": []}',
+        b'{"version": 1, "domains": [], "blocks": [], "unled": [{"version": 1}]}',
+    ],
 )
 def test_an_unusable_saved_state_is_ignored(
     tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
@@ -205,9 +253,10 @@ def test_an_unusable_saved_state_is_ignored(
     assert "ignoring the saved control state" in caplog.text
 
 
-def test_load_takes_the_saved_state(tmp_path: Path) -> None:
+def test_load_takes_a_state_saved_by_an_older_edge(tmp_path: Path) -> None:
     state = {"version": 9, "domains": [domain("a.test")], "blocks": []}
     write_atomically(tmp_path / "control" / "state.json", json.dumps(state).encode())
     r = Recorder(tmp_path)
     assert r.follower.load()
-    assert r.follower.state == state and r.follower.persisted == 9
+    assert r.follower.state == state | {"at": None} and r.follower.persisted == 9
+    assert not r.follower.flush_owed and r.follower.unled == []

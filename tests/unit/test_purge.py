@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import edge.disk
 from edge import policy
 from edge.config import CacheSettings
 from edge.controlstate import Purge
@@ -82,8 +84,8 @@ def test_ban_list_matches_only_objects_stored_before_the_ban() -> None:
 
 
 def test_bans_for_purges() -> None:
-    made = bans_for([Purge("url", "a.test/x"), Purge("tag", "a.test/", "t")], 9, 123.0)
-    assert made == [Ban(9, "url", "a.test/x", "", 123.0), Ban(9, "tag", "a.test/", "t", 123.0)]
+    made = bans_for([(9, Purge("url", "a.test/x")), (8, Purge("tag", "a.test/", "t"))], 123.0)
+    assert made == [Ban(9, "url", "a.test/x", "", 123.0), Ban(8, "tag", "a.test/", "t", 123.0)]
 
 
 def test_memory_remove_where() -> None:
@@ -167,7 +169,9 @@ async def test_lead_lurks_and_persists_until_done(tmp_path: Path) -> None:
         put_on_disk(t, obj(key, at=1000.0, tags=tags))
     keeper = BanKeeper(t, str(tmp_path))
     keeper.load()
-    keeper.add([ban("tag", "a.test/", "t", at=2000.0, version=4)], lead=True)
+    durable = keeper.add([ban("tag", "a.test/", "t", at=2000.0, version=4)], lead=True)
+    assert durable is not None
+    await durable
     saved = json.loads((tmp_path / "control" / "bans.json").read_text())
     assert saved["version"] == 4 and len(saved["bans"]) == 1  # before the walk
     for _ in range(200):
@@ -176,9 +180,9 @@ async def test_lead_lurks_and_persists_until_done(tmp_path: Path) -> None:
         await asyncio.sleep(0.01)
     assert not len(t.bans)
     assert len(disk_files(tmp_path)) == 2  # only a.test/1 was tagged t
+    await keeper.close()  # writes what is pending
     saved = json.loads((tmp_path / "control" / "bans.json").read_text())
     assert saved == {"version": 4, "bans": []}
-    await keeper.close()
     await t.close()
 
 
@@ -195,10 +199,36 @@ async def test_bans_survive_a_restart_and_others_prune_by_the_leads_file(
     assert [b.version for b in t2.bans] == [7]
     other = BanKeeper(tiers(tmp_path), str(tmp_path))
     other.add([ban("prefix", "a.test/", version=7), ban("url", "a.test/z", version=8)], lead=False)
+    await other.close()  # its pruning in the background is done
     assert sorted(b.version for b in other.tiers.bans) == [7, 8]  # the lead's 7 is pending
     (tmp_path / "control" / "bans.json").write_text(json.dumps({"version": 7, "bans": []}))
     other.add([], lead=False)  # the lead finished 7, has not applied 8 yet
+    await pruned(other, 1)
     assert [b.version for b in other.tiers.bans] == [8]
+
+
+async def pruned(keeper: BanKeeper, count: int) -> None:
+    for _ in range(200):
+        if len(keeper.tiers.bans) == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(keeper.tiers.bans)} bans, expected {count}")
+
+
+async def test_other_workers_keep_a_ban_of_everything(tmp_path: Path) -> None:
+    """Versions may start over after a flush (a restored control plane): a ban of everything
+    is never pruned by the lead's file, only replaced by a newer one."""
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "bans.json").write_text(json.dumps({"version": 90, "bans": []}))
+    other = BanKeeper(tiers(tmp_path), str(tmp_path))
+    other.add(
+        [ban("prefix", "", at=2000.0, version=3), ban("url", "a.test/z", version=4)], lead=False
+    )
+    await pruned(other, 1)
+    other.add([ban("prefix", "", at=3000.0, version=5)], lead=False)
+    await pruned(other, 1)
+    assert [(b.version, b.time) for b in other.tiers.bans] == [(5, 3000.0)]
+    assert other.tiers.bans.banned("b.test/x", "", 2500.0)
 
 
 @pytest.mark.parametrize("text", ["{", '{"version": 1}', '{"version": 1, "bans": [{"x": 1}]}'])
@@ -220,10 +250,56 @@ async def test_url_bans_need_no_walk_and_expire_at_the_lead(
     keeper.add([ban("url", "a.test/x", at=now, version=3)], lead=True)
     assert keeper._lurk is None and len(t.bans) == 1  # its files went with the purge
     now += URL_BAN_KEEP + 1
-    keeper.add([], lead=True)
-    assert len(t.bans) == 0
+    durable = keeper.add([], lead=True)
+    assert len(t.bans) == 0 and durable is not None
+    await durable
     assert json.loads((tmp_path / "control" / "bans.json").read_text()) == {
         "version": 3,
         "bans": [],
     }
     await t.close()
+
+
+async def test_a_walk_never_removes_a_newer_object_at_the_same_path(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Another worker may store the key anew between the walk's check of a doomed file and
+    its removal, and the filesystem may give the new file the old one's inode at once."""
+    t = tiers(tmp_path, disk=1 << 24)
+    put_on_disk(t, obj("a.test/x", at=1000.0))
+    [path] = disk_files(tmp_path)
+    unlink_same = edge.disk._unlink_same
+    stored: list[Path] = []
+
+    def stored_anew_first(p: Path, ino: int | None = None) -> int | None:
+        if p == path and not stored:
+            data = p.read_bytes()
+            os.unlink(p)
+            newer = path.with_name("newer")
+            newer.write_bytes(data)
+            os.replace(newer, p)
+            stored.append(p)
+        return unlink_same(p, ino)
+
+    monkeypatch.setattr(edge.disk, "_unlink_same", stored_anew_first)
+    assert t.disk is not None
+    assert await t.disk.sweep(lambda meta: True) == 0
+    assert path.exists()
+    await t.close()
+
+
+async def test_a_flush_starts_the_lead_files_versions_over(tmp_path: Path) -> None:
+    """After a restored control plane (versions start over, with a flush) the other workers
+    must not take the lead's old, higher version for having applied the new changes."""
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "bans.json").write_text(json.dumps({"version": 90, "bans": []}))
+    lead = BanKeeper(tiers(tmp_path), str(tmp_path))
+    lead.load()
+    lead.add([ban("prefix", "", at=2000.0, version=3)], lead=True)
+    await lead.close()
+    assert json.loads((tmp_path / "control" / "bans.json").read_text())["version"] == 3
+    other = BanKeeper(tiers(tmp_path), str(tmp_path))
+    other.add([ban("prefix", "", at=2000.0, version=3)], lead=False)
+    other.add([ban("prefix", "a.test/", at=2001.0, version=4)], lead=False)
+    await other.close()
+    assert sorted(b.version for b in other.tiers.bans) == [3, 4]
