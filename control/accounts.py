@@ -51,7 +51,8 @@ def view(row: Row[Any]) -> dict[str, Any]:
     }
 
 
-async def _account(conn: AsyncConnection, account_id: int) -> Row[Any]:
+async def account_row(conn: AsyncConnection, account_id: int) -> Row[Any]:
+    """The account's row; 404 when there is no such account."""
     row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).first()
     if row is None:
         raise Problem(404, f"no account {account_id}")
@@ -59,7 +60,7 @@ async def _account(conn: AsyncConnection, account_id: int) -> Row[Any]:
 
 
 async def _live_account(conn: AsyncConnection, account_id: int) -> Row[Any]:
-    row = await _account(conn, account_id)
+    row = await account_row(conn, account_id)
     if row.state == "terminated":
         raise Problem(409, f"account {account_id} was terminated: {row.state_reason}")
     return row
@@ -76,7 +77,7 @@ async def _set_account(conn: AsyncConnection, account_id: int, state: str, reaso
     await conn.execute(
         update(accounts).where(accounts.c.id == account_id).values(state=state, state_reason=reason)
     )
-    return await _account(conn, account_id)
+    return await account_row(conn, account_id)
 
 
 @routes.route_with_body(
@@ -114,7 +115,7 @@ async def create_account(request: web.Request, body: NewAccount) -> web.StreamRe
             {"name": body.name, "billing": body.billing, "timezone": body.timezone},
         )
         await audit(conn, caller(request), account_id, "token.create", f"token {token_id}")
-        row = await _account(conn, account_id)
+        row = await account_row(conn, account_id)
     return token_response({"account": view(row), "token": token})
 
 
@@ -128,7 +129,7 @@ async def list_accounts(request: web.Request) -> web.StreamResponse:
 @routes.route("GET", "/v1/accounts/{id}", "One account", who=OPERATOR, response=AccountOut)
 async def get_account(request: web.Request) -> web.StreamResponse:
     async with reading(request) as conn:
-        return web.json_response(view(await _account(conn, path_id(request))))
+        return web.json_response(view(await account_row(conn, path_id(request))))
 
 
 @routes.route_with_body(

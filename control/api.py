@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.auth import PRINCIPAL, Principal, TokenKind, new_token
 from control.config import Network
+from control.db import write_transaction
 from control.digits import parse_digits
 from control.feed import Feed
 from control.problems import Problem
@@ -248,32 +249,28 @@ def path_id(request: web.Request) -> int:
     return value
 
 
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """The query parameter `name` as an integer from `low` to `high` (`default` when absent);
+    anything else is a 400."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    value = parse_digits(raw, len(str(high)))
+    if value is None or not low <= value <= high:
+        raise Problem(400, f"query parameter {name!r} must be an integer from {low} to {high}")
+    return value
+
+
 # --- writing ---------------------------------------------------------------------------------
 
 
 @asynccontextmanager
 async def writing(request: web.Request) -> AsyncIterator[AsyncConnection]:
-    """A transaction for a write; after it commits, this process's feed is woken (other
-    replicas hear PostgreSQL's NOTIFY from `publish`).
-
-    SQLite: the transaction takes the write lock up front (BEGIN IMMEDIATE). The driver's deferred
-    BEGIN would read first and then fail, not wait, to upgrade to a write lock once another writer
-    had committed in between (SQLITE_BUSY_SNAPSHOT); this way concurrent writers queue on the
-    busy timeout instead.
-    """
-    async with request.app[ENGINE].connect() as conn:
-        if conn.dialect.name == "sqlite":
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.exec_driver_sql("ROLLBACK")
-                raise
-            await conn.exec_driver_sql("COMMIT")
-        else:
-            async with conn.begin():
-                yield conn
+    """A write transaction (`control.db.write_transaction`: BEGIN IMMEDIATE on SQLite); after it
+    commits, this process's feed is woken (other replicas hear PostgreSQL's NOTIFY from
+    `publish`)."""
+    async with write_transaction(request.app[ENGINE]) as conn:
+        yield conn
     request.app[FEED].changed()
 
 

@@ -64,6 +64,7 @@ from control.api import (
     reading,
     writing,
 )
+from control.db import write_transaction
 from control.domains import ACCOUNT_SUSPENDED, set_state
 from control.models import Body, Name, Reason
 from control.notices import notify
@@ -143,36 +144,21 @@ class _Account:
 
 
 @asynccontextmanager
-async def transaction(
-    engine: AsyncEngine, changed: Callable[[], None] | None = None
+async def _settling(
+    engine: AsyncEngine, changed: Callable[[], None]
 ) -> AsyncIterator[AsyncConnection]:
-    """A write transaction outside a request, as `control.api.writing` (BEGIN IMMEDIATE on
-    SQLite); `changed` wakes this process's feed after the commit."""
-    async with engine.connect() as conn:
-        if conn.dialect.name == "sqlite":
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.exec_driver_sql("ROLLBACK")
-                raise
-            await conn.exec_driver_sql("COMMIT")
-        else:
-            async with conn.begin():
-                yield conn
-    if changed is not None:
-        changed()
-
-
-async def _exclusive(conn: AsyncConnection) -> None:
-    """One settling replica at a time on PostgreSQL (SQLite's write lock already serialises)."""
-    if conn.dialect.name == "postgresql":
-        got = await conn.execute(
-            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _PG_SETTLE_LOCK_KEY}
-        )
-        if not got.scalar_one():
-            raise Busy
+    """A write transaction of the job (`control.db.write_transaction`), one settling replica at
+    a time on PostgreSQL (Busy when another holds the lock; SQLite's write lock already
+    serialises); `changed` wakes this process's feed after the commit."""
+    async with write_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            got = await conn.execute(
+                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": _PG_SETTLE_LOCK_KEY}
+            )
+            if not got.scalar_one():
+                raise Busy
+        yield conn
+    changed()
 
 
 def _price_list(row: Any) -> rating.PriceList:
@@ -566,20 +552,8 @@ async def _terminate(
     pkgs = await _packages(conn, account.id)
     refund = rating.termination_refund(account.balance_fen, pkgs, at)
     credit = refund.credited_balance_fen - refund.balance_fen
-    await conn.execute(
-        insert(bill_lines).values(
-            account_id=account.id,
-            day=last,
-            kind="refund",
-            quantity=str(refund.refund_fen),
-            unit="fen",
-            unit_price="1",
-            amount_fen=-credit,
-            ref="5.5",
-            adjustment=False,
-            created_at=now,
-        )
-    )
+    line = rating.BillLine("refund", Decimal(refund.refund_fen), "fen", Decimal(1), -credit, "5.5")
+    await _insert_lines(conn, account.id, last, (line,), now, adjustment=False)
     for package in refund.packages:
         await conn.execute(
             update(packages).where(packages.c.id == int(package.id)).values(remaining_bytes=0)
@@ -636,8 +610,7 @@ async def _settle_through(
     """Settle the account's unsettled days up to `last`, in order, one transaction each."""
     done: list[DayCharge] = []
     while True:
-        async with transaction(engine, changed) as conn:
-            await _exclusive(conn)
+        async with _settling(engine, changed) as conn:
             account = await _load(conn, account_id)
             if account is None or account.state == "terminated":
                 return done
@@ -682,8 +655,7 @@ async def _adjust_late(
     done: list[DayCharge] = []
     for day in stale:
         try:
-            async with transaction(engine, changed) as conn:
-                await _exclusive(conn)
+            async with _settling(engine, changed) as conn:
                 result = await _adjust_day(
                     conn, await _reloaded(conn, account_id), day, clock.now()
                 )
@@ -706,8 +678,7 @@ async def _enforce(
     changed: Callable[[], None],
 ) -> None:
     """Suspend after the arrears grace, package notices, a termination that is due."""
-    async with transaction(engine, changed) as conn:
-        await _exclusive(conn)
+    async with _settling(engine, changed) as conn:
         account = await _load(conn, account_id)
         if account is None or account.state == "terminated":
             return
@@ -969,14 +940,17 @@ def _money_view(account: _Account) -> dict[str, Any]:
     }
 
 
-async def _operator_account(conn: AsyncConnection, account_id: int) -> _Account:
-    """The path's account with its billing terms: 404 without the account, 409 without terms."""
-    exists = (await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))).first()
-    if exists is None:
-        raise Problem(404, f"no account {account_id}")
+async def _operator_account(
+    conn: AsyncConnection, account_id: int, *, live: bool = False
+) -> _Account:
+    """The path's account with its billing terms: 404 without the account, 409 without terms
+    (and, with `live`, when it was terminated)."""
+    await account_routes.account_row(conn, account_id)
     account = await _load(conn, account_id)
     if account is None:
         raise Problem(409, f"account {account_id} has no billing terms: PUT its /billing first")
+    if live and account.state == "terminated":
+        raise Problem(409, f"account {account_id} was terminated")
     return account
 
 
@@ -1024,10 +998,7 @@ async def put_billing(request: web.Request, body: BillingTermsIn) -> web.StreamR
     account_id = path_id(request)
     at = request.app[CLOCK].now()
     async with writing(request) as conn:
-        if (
-            await conn.execute(select(accounts).where(accounts.c.id == account_id))
-        ).first() is None:
-            raise Problem(404, f"no account {account_id}")
+        await account_routes.account_row(conn, account_id)
         price_list_id = (
             await conn.execute(
                 select(price_lists.c.id).where(price_lists.c.name == body.price_list)
@@ -1127,9 +1098,7 @@ async def post_package(request: web.Request, body: PackageIn) -> web.StreamRespo
     else:
         expires = at + timedelta(days=body.valid_days or 0)
     async with writing(request) as conn:
-        account = await _operator_account(conn, account_id)
-        if account.state == "terminated":
-            raise Problem(409, f"account {account_id} was terminated")
+        account = await _operator_account(conn, account_id, live=True)
         if body.price_fen > account.balance_fen:
             raise Problem(
                 409,
@@ -1153,20 +1122,15 @@ async def post_package(request: web.Request, body: PackageIn) -> web.StreamRespo
         ).scalar_one()
         day = rating.billing_date(at, account.terms.timezone)
         if body.price_fen:
-            await conn.execute(
-                insert(bill_lines).values(
-                    account_id=account_id,
-                    day=day,
-                    kind="package_purchase",
-                    quantity="1",
-                    unit="package",
-                    unit_price=str(body.price_fen),
-                    amount_fen=body.price_fen,
-                    ref=str(package_id),
-                    adjustment=False,
-                    created_at=at,
-                )
+            line = rating.BillLine(
+                "package_purchase",
+                Decimal(1),
+                "package",
+                Decimal(body.price_fen),
+                body.price_fen,
+                str(package_id),
             )
+            await _insert_lines(conn, account_id, day, (line,), at, adjustment=False)
             state = replace(
                 _state(account, 0, ()), balance_fen=account.balance_fen - body.price_fen
             )
@@ -1206,9 +1170,7 @@ async def post_termination(request: web.Request, body: TerminationIn) -> web.Str
         )
     refund: rating.TerminationRefund | None = None
     async with writing(request) as conn:
-        account = await _operator_account(conn, account_id)
-        if account.state == "terminated":
-            raise Problem(409, f"account {account_id} was terminated")
+        account = await _operator_account(conn, account_id, live=True)
         await conn.execute(
             update(account_billing)
             .where(account_billing.c.account_id == account_id)

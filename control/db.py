@@ -8,6 +8,8 @@ the async driver is chosen here.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -101,3 +103,28 @@ async def migrate(engine: AsyncEngine) -> None:
     """Bring the schema to the newest revision (Alembic ``upgrade head``), in one transaction."""
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade_head)
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection in a transaction for a write: committed when the block ends, rolled back
+    when it raises.
+
+    SQLite: the transaction takes the write lock up front (BEGIN IMMEDIATE). The driver's deferred
+    BEGIN would read first and then fail, not wait, to upgrade to a write lock once another writer
+    had committed in between (SQLITE_BUSY_SNAPSHOT); this way concurrent writers queue on the
+    busy timeout instead.
+    """
+    async with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.exec_driver_sql("ROLLBACK")
+                raise
+            await conn.exec_driver_sql("COMMIT")
+        else:
+            async with conn.begin():
+                yield conn

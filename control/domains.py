@@ -86,27 +86,33 @@ def validated(table: dict[str, Any], deny: tuple[Network, ...]) -> DomainConfig:
     errors = [
         {"field": f"origins[{index}]", "problem": problem}
         for index, origin in enumerate(parsed.origins)
-        if (problem := _denied(origin, deny))
+        if (problem := deny_reason(origin, deny))
     ]
     if errors:
         raise invalid(errors)
     return parsed
 
 
-def _denied(origin: str, deny: tuple[Network, ...]) -> str:
-    """Why edges must not fetch from `origin` (SSRF: an account would make every edge request
-    its own host or network); "" if they may. Only address literals and loopback names are
-    checked: what a name resolves to can change after this check."""
+def deny_reason(origin: str, deny: tuple[Network, ...]) -> str:
+    """Why `origin` (a domain's origin, or a webhook URL) must not be fetched (SSRF: an account
+    would make every edge, or the control plane, request its own host or network); "" if it may.
+    Only address literals and loopback names are checked: what a name resolves to can change
+    after this check."""
     host = urlsplit(origin).hostname or ""
     if host == "localhost" or host.endswith(".localhost"):
         return f"{host} is a loopback name (origin_deny)" if _in(_LOOPBACK, deny) else ""
     address = _address(host)
     if address is None:
         return ""
+    return f"{host} is in a denied range (origin_deny)" if address_denied(address, deny) else ""
+
+
+def address_denied(address: IPv4Address | IPv6Address, deny: tuple[Network, ...]) -> bool:
+    """Whether `address`, or the IPv4 address an IPv4-mapped IPv6 one stands for, is in `deny`."""
     seen: tuple[IPv4Address | IPv6Address, ...] = (address,)
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
         seen += (address.ipv4_mapped,)
-    return f"{host} is in a denied range (origin_deny)" if _in(seen, deny) else ""
+    return _in(seen, deny)
 
 
 def _address(host: str) -> IPv4Address | IPv6Address | None:

@@ -16,10 +16,8 @@ import logging
 import secrets
 import socket
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv6Address, ip_address
+from ipaddress import ip_address
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -35,6 +33,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from control.accounts import account_row
 from control.api import (
     ACCOUNT_ONLY,
     ACCOUNTS,
@@ -48,16 +47,17 @@ from control.api import (
     invalid,
     now,
     path_id,
+    query_int,
     reading,
     writing,
 )
 from control.background import stop_at_safe_point
 from control.config import Network
-from control.digits import parse_digits
-from control.domains import _denied
+from control.db import write_transaction
+from control.domains import address_denied, deny_reason
 from control.models import Body, Out, Url
 from control.problems import Problem
-from control.schema import account_webhooks, accounts, iso, notices, webhook_deliveries
+from control.schema import account_webhooks, iso, notices, webhook_deliveries
 
 log = logging.getLogger("control.notices")
 
@@ -150,11 +150,7 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def _blocked(address: str, deny: tuple[Network, ...]) -> bool:
-    ip = ip_address(address.partition("%")[0])
-    seen = [ip]
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        seen.append(ip.ipv4_mapped)
-    return any(a in net for a in seen for net in deny if a.version == net.version)
+    return address_denied(ip_address(address.partition("%")[0]), deny)
 
 
 class _DenyingResolver(AbstractResolver):
@@ -179,24 +175,6 @@ class _DenyingResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
-
-
-@asynccontextmanager
-async def _transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """As `control.api.writing`, outside a request: SQLite takes the write lock at BEGIN."""
-    async with engine.connect() as conn:
-        if conn.dialect.name == "sqlite":
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.exec_driver_sql("ROLLBACK")
-                raise
-            await conn.exec_driver_sql("COMMIT")
-        else:
-            async with conn.begin():
-                yield conn
 
 
 class Deliverer:
@@ -297,7 +275,7 @@ class Deliverer:
             self._expected.pop(row.notice_id, None)
         results = await asyncio.gather(*(self._send(row) for row in rows))
         if rows:
-            async with _transaction(self.engine) as conn:
+            async with write_transaction(self.engine) as conn:
                 for row, (status, error) in zip(rows, results, strict=True):
                     await self._record(conn, row, status, error)
         return len(rows)
@@ -325,7 +303,7 @@ class Deliverer:
             .order_by(webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.id)
             .limit(self.BATCH)
         )
-        async with _transaction(self.engine) as conn:
+        async with write_transaction(self.engine) as conn:
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True, of=webhook_deliveries)
             rows = list(await conn.execute(query))
@@ -347,7 +325,7 @@ class Deliverer:
             secret = self._fernet.decrypt(row.secret_encrypted.encode()).decode()
         except InvalidToken:
             return None, "cannot decrypt the webhook secret (was secret_key changed?)"
-        denied = _denied(row.url, self.deny)
+        denied = deny_reason(row.url, self.deny)
         if denied:
             return None, f"refused: {denied}"
         body = json.dumps(
@@ -484,16 +462,6 @@ _PAGE_QUERY = (
 )
 
 
-def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    value = parse_digits(raw, len(str(high)))
-    if value is None or not low <= value <= high:
-        raise Problem(400, f"query parameter {name!r} must be an integer from {low} to {high}")
-    return value
-
-
 def _delivery_view(row: Row[Any]) -> dict[str, Any]:
     state = "delivered" if row.delivered_at else "pending" if row.next_attempt_at else "failed"
     return {
@@ -509,8 +477,8 @@ def _delivery_view(row: Row[Any]) -> dict[str, Any]:
 
 
 async def _notice_page(request: web.Request, account_id: int) -> web.Response:
-    since = _query_int(request, "since_id", 0, 0, 2**31 - 1)
-    limit = _query_int(request, "limit", NOTICE_PAGE, 1, NOTICE_PAGE_MAX)
+    since = query_int(request, "since_id", 0, 0, 2**31 - 1)
+    limit = query_int(request, "limit", NOTICE_PAGE, 1, NOTICE_PAGE_MAX)
     async with reading(request) as conn:
         rows = list(
             await conn.execute(
@@ -569,9 +537,7 @@ async def list_notices(request: web.Request) -> web.StreamResponse:
 async def list_account_notices(request: web.Request) -> web.StreamResponse:
     account_id = path_id(request)
     async with reading(request) as conn:
-        found = await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))
-        if found.first() is None:
-            raise Problem(404, f"no account {account_id}")
+        await account_row(conn, account_id)
     return await _notice_page(request, account_id)
 
 
@@ -584,7 +550,7 @@ async def list_account_notices(request: web.Request) -> web.StreamResponse:
     response=WebhookCreated,
 )
 async def set_webhook(request: web.Request, body: WebhookBody) -> web.StreamResponse:
-    denied = _denied(body.url, request.app[ORIGIN_DENY])
+    denied = deny_reason(body.url, request.app[ORIGIN_DENY])
     if denied:
         raise invalid([{"field": "url", "problem": denied}])
     secret = secrets.token_urlsafe(32)

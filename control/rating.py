@@ -120,7 +120,8 @@ DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 Billing = Literal["prepaid", "postpaid"]
 ChargeBy = Literal["traffic", "bandwidth"]
-LineKind = Literal["traffic", "bandwidth", "package", "late_penalty"]
+# "package_purchase" and "refund" lines are written by control.billing, not by the rules here.
+LineKind = Literal["traffic", "bandwidth", "package", "late_penalty", "package_purchase", "refund"]
 
 
 # --------------------------------------------------------------------------------------------

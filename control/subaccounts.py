@@ -21,11 +21,11 @@ from control.api import (
     issue_token,
     now,
     path_id,
+    query_int,
     reading,
     token_response,
     writing,
 )
-from control.digits import parse_digits
 from control.models import (
     AuditPage,
     NewSubaccount,
@@ -293,8 +293,8 @@ async def revoke_token(request: web.Request) -> web.StreamResponse:
     response=AuditPage,
 )
 async def list_audit(request: web.Request) -> web.StreamResponse:
-    limit = _query_int(request, "limit", AUDIT_PAGE, 1, AUDIT_PAGE_MAX)
-    before = _query_int(request, "before", 2**31 - 1, 1, 2**31 - 1)
+    limit = query_int(request, "limit", AUDIT_PAGE, 1, AUDIT_PAGE_MAX)
+    before = query_int(request, "before", 2**31 - 1, 1, 2**31 - 1)
     async with reading(request) as conn:
         rows = await conn.execute(
             select(audit_log)
@@ -318,13 +318,3 @@ async def list_audit(request: web.Request) -> web.StreamResponse:
             for row in rows
         ]
     return web.json_response({"entries": entries})
-
-
-def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    value = parse_digits(raw, len(str(high)))
-    if value is None or not low <= value <= high:
-        raise Problem(400, f"query parameter {name!r} must be an integer from {low} to {high}")
-    return value

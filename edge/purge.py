@@ -228,7 +228,10 @@ class BanKeeper:
                 except OSError as e:  # the bans stay (checked at lookup), persisted
                     log.warning("purge: disk walk failed: %s", e)
                     return
-            done = set(batch)  # not by ident: a flush again at the same version is newer
+            # Not by ident: a flush again at the same version is newer. URL bans stay for their
+            # keep period even though the walk covered them (see URL_BAN_KEEP), as in `add`.
+            kept_since = time.time() - URL_BAN_KEEP
+            done = {b for b in batch if b.kind != "url" or b.time < kept_since}
             self.tiers.bans = BanList(b for b in self.tiers.bans if b not in done)
             self._persist()
             log.info(

@@ -18,14 +18,23 @@ from tests.rawhttp import request
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Distinct free ports: every socket stays bound until all are chosen (one released
+    before the next bind could be handed out twice)."""
+    socks = []
+    try:
+        for _ in names:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return {name: int(sock.getsockname()[1]) for name, sock in zip(names, socks, strict=True)}
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _demo_config(tmp_path: Path) -> tuple[Path, dict[str, int]]:
-    ports = {name: _free_port() for name in ("edge", "admin", "origin", "control")}
+    ports = _free_ports(("edge", "admin", "origin", "control"))
     text = (CONFIGS / "demo.toml").read_text()
     text = text.replace("127.0.0.1:8080", f"127.0.0.1:{ports['edge']}")
     text = text.replace("127.0.0.1:9080", f"127.0.0.1:{ports['admin']}")
