@@ -155,6 +155,10 @@ class EdgeSettings:
     request_head_timeout: float = 30.0  # a request head not complete by then: 408
     send_timeout: float = 60.0  # a client that reads nothing of a response for this long is cut
     edge_id: str = socket.gethostname()
+    # Without [control], usage batches stay in state_dir/usage; past this many the oldest are
+    # deleted (counted: cdn_edge_usage_dropped_batches_total). One batch per 5-minute window
+    # at least: the default keeps about 31 days. With [control] nothing is deleted unshipped.
+    usage_keep_batches: int = 8928
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +292,7 @@ _EDGE_KEYS = (
     "request_head_timeout",
     "send_timeout",
     "edge_id",
+    "usage_keep_batches",
 )
 _CACHE_KEYS = ("memory", "memory_max_object", "disk", "max_object", "slice")
 _ORIGIN_KEYS = ("connect_timeout", "first_byte_timeout", "idle_read_timeout", "max_connections")
@@ -389,6 +394,9 @@ def _parse_edge(table: dict[str, object]) -> EdgeSettings:
         ),
         send_timeout=_seconds(table, "send_timeout", "edge", defaults.send_timeout),
         edge_id=edge_id,
+        usage_keep_batches=_integer(
+            table, "usage_keep_batches", "edge", defaults.usage_keep_batches, minimum=1
+        ),
     )
 
 

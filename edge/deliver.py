@@ -10,10 +10,12 @@ HEAD. Responses from a fill in progress are delivered by `edge.miss`, from slice
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Awaitable
 
 from edge import policy
 from edge.disk import DiskEntry
+from edge.meter import Meter
 from edge.metrics import EdgeStats
 from edge.range import coalesce_ranges, if_range_allows, multipart_parts, parse_range
 from edge.server import Exchange, synth_fields
@@ -35,6 +37,13 @@ class Delivery:
     """Delivering stored responses and synthetic ones: a mixin of `edge.request.EdgeProxy`."""
 
     stats: EdgeStats
+    meter: Meter
+
+    def origin_read(self, domain: str, n: int) -> None:
+        """Count `n` body bytes read from `domain`'s origin, where they are read (a fill shared
+        by many clients counts once)."""
+        self.stats.origin_bytes += n
+        self.meter.add_origin(domain, time.time(), n)
 
     # hit -----------------------------------------------------------------------------
     def deliver_hit(
@@ -91,7 +100,7 @@ class Delivery:
         body = _assemble(obj.body, pieces)
         if len(body) <= STREAMED_HIT or ex.no_body:
             ex.send(status, block, body)
-            self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+            ex.set_outcome(outcome)
             return None
         return self._stream_stored(ex, status, block, body, outcome)
 
@@ -105,7 +114,7 @@ class Delivery:
                 await ex.write(view[offset : offset + STREAM_CHUNK])
             ex.finish()
         finally:
-            self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+            ex.set_outcome(outcome)
 
     async def _send_file(
         self,
@@ -126,7 +135,7 @@ class Delivery:
                     await ex.sendfile(file.fd, file.body_offset + start, end - start)
             ex.finish()
         finally:
-            self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+            ex.set_outcome(outcome)
 
     def deliver_range(
         self, ex: Exchange, obj: CachedObject, tail: bytes, outcome: str
@@ -145,7 +154,7 @@ class Delivery:
             body = b"range not satisfiable\n"
             extra = f"Content-Range: bytes */{length}\r\n".encode()
             ex.send(416, synth_fields(len(body)) + extra + tail, body)
-            self.stats.account(outcome, 416, ex.bytes_sent, ex.body_bytes_sent)
+            ex.set_outcome(outcome)
             return None
         coalesced = coalesce_ranges(ranges)
         if coalesced is None:
@@ -179,7 +188,7 @@ class Delivery:
         else:
             body = b"precondition failed\n"
             ex.send(412, synth_fields(len(body)) + tail, body)
-        self.stats.account(outcome, status, ex.bytes_sent, 0)
+        ex.set_outcome(outcome)
 
     # synthetic ---------------------------------------------------------------------
     def synth(
@@ -197,7 +206,7 @@ class Delivery:
         status_value = policy.cache_status(fwd=fwd, detail=detail)
         block = synth_fields(len(body)) + f"Cache-Status: {status_value}\r\n".encode()
         ex.send(status, block, body)
-        self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+        ex.set_outcome(outcome)
 
 
 Piece = bytes | tuple[int, int]  # literal bytes, or a [start, end) span of the stored body

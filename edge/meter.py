@@ -8,8 +8,9 @@ to the control plane (edge/spool.py); counts are additive, so buckets of the sam
 from several workers, flushes or edges are summed (`merge`), never replaced.
 
 A bucket covers [start, start + WINDOW) with start a multiple of WINDOW seconds since the UTC
-epoch. A request is counted in the window of the `now` given to `record` (the time it was
-accounted, at its end), so a transfer straddling a boundary counts whole in the later window.
+epoch. A request is counted in the window of the `now` given to `record` (the time it ended);
+the bytes of a long response are counted as they are sent (`add_sent`, every second, by
+edge.server.HttpServer.meter_progress), so per-window bandwidth is right across boundaries.
 """
 
 from __future__ import annotations
@@ -173,12 +174,22 @@ class Meter:
     def add_origin(self, domain: str, now: float, body_bytes: int) -> None:
         """Count body bytes read from `domain`'s origin (where they are read: one fill may serve
         many requests, or none when every client left)."""
+        self._counts(domain, now)[3] += body_bytes
+
+    def add_sent(self, domain: str, now: float, bytes_sent: int, body_bytes: int) -> None:
+        """Count bytes a response still in progress has sent since its last count (its request
+        is counted by `record` when it ends, with the rest of its bytes)."""
+        counts = self._counts(domain, now)
+        counts[1] += bytes_sent
+        counts[2] += body_bytes
+
+    def _counts(self, domain: str, now: float) -> list[int]:
         if not self._start <= now < self._end:
             self._enter(now)
         counts = self._current.get(domain)
         if counts is None:
             counts = self._current[domain] = [0] * len(FIELDS)
-        counts[3] += body_bytes
+        return counts
 
     def _enter(self, now: float) -> None:
         start = window_start(now)

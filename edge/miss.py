@@ -276,7 +276,7 @@ class Fills(Passing):
         try:
             async for chunk in resp.content.iter_any():
                 fill.append(chunk)
-                self.stats.origin_bytes += len(chunk)
+                self.origin_read(domain.name, len(chunk))
                 storing = reason is None
                 if reason is None and fill.size > largest:
                     reason = "too-big"
@@ -506,12 +506,12 @@ class Fills(Passing):
         except FillError:
             if ex.headers_sent:
                 ex.abort()
-                self.stats.account("error", ex.status, ex.bytes_sent, ex.body_bytes_sent)
+                ex.set_outcome("error")
             else:
                 self.synth(ex, 502, "invalid origin response", "error", fwd=fwd)
         except ClientGone:
             ex.abort()
-            self.stats.account(fwd, ex.status, ex.bytes_sent, ex.body_bytes_sent)
+            ex.set_outcome(fwd, forwarded=True)
         finally:
             reader.close()
 
@@ -559,6 +559,7 @@ class Fills(Passing):
             cond = policy.evaluate_conditional(ex.method, fields, fhead.headers)
             if cond is not None:
                 self.send_without_body(ex, cond, fhead.fields, tail.encode(), outcome)
+                ex.set_outcome(outcome, forwarded=True)
                 return
         if status == 200 and length is not None and "range" in fields:
             ranges = parse_range(fields["range"], length)
@@ -571,7 +572,7 @@ class Fills(Passing):
                 body = b"range not satisfiable\n"
                 extra = f"Content-Range: bytes */{length}\r\n{tail}"
                 ex.send(416, synth_fields(len(body)) + extra.encode(), body)
-                self.stats.account(outcome, 416, ex.bytes_sent, ex.body_bytes_sent)
+                ex.set_outcome(outcome, forwarded=True)
                 return
             if ranges is not None and len(ranges) == 1:
                 start, end = ranges[0]
@@ -592,7 +593,7 @@ class Fills(Passing):
             async for piece in reader:
                 await ex.write(piece)
         ex.finish()
-        self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+        ex.set_outcome(outcome, forwarded=True)
 
 
 def _head_from_meta(meta: ObjectMeta, length: int | None) -> FillHead:

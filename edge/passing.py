@@ -74,17 +74,17 @@ class Passing(Delivery):
                 block += "".join(
                     f"Content-Length: {v}\r\n" for n, v in fields if n.lower() == "content-length"
                 ).encode("latin-1")
+            ex.set_outcome(fwd, forwarded=True)
             ex.start(resp.status, block + f"Cache-Status: {status_value}\r\n".encode(), length)
             if not ex.no_body:
                 received = 0
                 async for chunk in resp.content.iter_any():
                     received += len(chunk)
+                    self.origin_read(domain.name, len(chunk))
                     await ex.write(chunk)
-                self.stats.origin_bytes += received
                 if length is not None and received != length:
                     raise FillError(f"origin sent {received} of {length} bytes")
             ex.finish()
-            self.stats.account(fwd, resp.status, ex.bytes_sent, ex.body_bytes_sent)
         except (aiohttp.ClientError, TimeoutError, FillError) as e:
             self._origin_failed(domain, head.target, f"body: {type(e).__name__}: {e}", "body")
             if ex.headers_sent:

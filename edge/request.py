@@ -14,7 +14,9 @@
 - pass: forwarded as is, never stored (unsafe methods, bypass rules, `edge.passing`).
 - deliver: Age, Cache-Status (RFC 9211), Via, conditional requests (304), Range, HEAD
   (`edge.deliver` from a stored object, `edge.miss` from a fill, `edge.sliced` from slices).
-- account: every response, refused ones included, is counted (`EdgeStats.account`).
+- account: every exchange, refused and cut ones included, is counted once as `edge.server` ends
+  it: metered per domain (`edge.meter`, issue 5) and counted in `EdgeStats` (`account`); the
+  steps only name what the cache did (`Exchange.set_outcome`) and the domain (`Exchange.domain`).
 
 This module holds the steps up to lookup (`handle`, `lookup`, `use_stored`); each step after
 it is a mixin of `EdgeProxy`, one module per concern: `Delivery` (`edge.deliver`), `Fills`
@@ -40,6 +42,7 @@ from edge.controlstate import ControlState, Gate
 from edge.deliver import Delivery, _closing
 from edge.fetch import OriginClient
 from edge.fill import Fill
+from edge.meter import Meter
 from edge.metrics import EdgeStats
 from edge.miss import Fills
 from edge.passing import Passing
@@ -64,12 +67,18 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
     deliver (and synthesize errors) through `Delivery`."""
 
     def __init__(
-        self, config: EdgeConfig, store: MemoryTier, origin: OriginClient, stats: EdgeStats
+        self,
+        config: EdgeConfig,
+        store: MemoryTier,
+        origin: OriginClient,
+        stats: EdgeStats,
+        meter: Meter | None = None,
     ) -> None:
         self.config = config
         self.tiers = Tiers(store, config.cache, config.edge.state_dir)
         self.origin = origin
         self.stats = stats
+        self.meter = meter if meter is not None else Meter()  # origin bytes, per domain
         self.busy: dict[str, Fill] = {}
         self.hit_for_miss: TTLCache[str, bool] = TTLCache(maxsize=65536, ttl=HIT_FOR_MISS_SECONDS)
         # Keys whose origin ignored a Range request: whole-object fills for a while.
@@ -125,6 +134,10 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
     def refused(self, exchange: Exchange | None, peer: str, status: int, reason: str) -> None:
         self.stats.account("refused", status, 0, 0)
 
+    # account (every exchange, once, as edge.server ends it) ----------------------------
+    def account(self, ex: Exchange) -> None:
+        self.stats.account(ex.outcome, ex.status, ex.bytes_sent, ex.body_bytes_sent)
+
     # route ---------------------------------------------------------------------------
     def handle(self, ex: Exchange) -> Awaitable[None] | None:
         head = ex.head
@@ -132,6 +145,7 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         if domain is None:
             self.synth(ex, 404, "unknown host", "refused")
             return None
+        ex.domain = domain.name
         gates = self.gates
         if gates:
             gate = gates.get(domain.name)
@@ -143,7 +157,7 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         if head.target == b"*":
             # OPTIONS * asks about the server, not a resource (RFC 9110 9.3.7): answered here.
             ex.send(200, synth_fields(0) + ALLOW_ALL, b"")
-            self.stats.account("bypass", 200, ex.bytes_sent, 0)
+            ex.set_outcome("bypass")
             return None
         if head.method not in ("GET", "HEAD"):
             return self.pass_to_origin(ex, domain, "method")

@@ -14,6 +14,22 @@ body, and send (a client that stops reading).
 Bounded buffering: reading pauses while a request body is buffered past BODY_HIGH_WATER, and
 while more than `max_header_bytes` of pipelined requests wait behind the one in progress.
 A half-closed client (EOF after its requests) still gets every response it asked for.
+
+Metering (issue 5): every exchange, however it ends (finished, aborted, cut by a timeout or
+by the client, refused), is recorded once, in `HttpConnection._ended`, into the server's
+`edge.meter.Meter` under `Exchange.domain` (UNKNOWN_DOMAIN until the handler routed it), and
+handed to `HttpServer.account` (the Prometheus counters). Refusals before an exchange exists
+(malformed head, head timeout) are recorded under UNKNOWN_DOMAIN. A response still running is
+recorded as it goes (`HttpServer.meter_progress`, every second), so a long transfer's bytes fall
+into the 5-minute window in which they were sent; the request itself counts where it ends.
+
+Bytes sent: the status line, header block, framing and body bytes handed to the kernel for
+the client's socket. A response cut short (aborted, client gone, timeout) counts only what the
+client's TCP acknowledged (TCP_INFO tcpi_bytes_acked of the connection, less what earlier
+responses on it sent): bytes still in the edge's buffers or the kernel's send queue when the
+connection was lost are not billed. A response the edge finished handing over is counted whole,
+even if the connection dies before the client read its tail. Where TCP_INFO is unavailable
+(not a TCP socket) a cut response counts what was handed to the transport.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
@@ -37,6 +54,7 @@ from edge.http1 import (
     parse_head,
     skip_empty_lines,
 )
+from edge.meter import OUTCOME_KINDS, PASS, REFUSED, Meter
 
 log = logging.getLogger("edge.server")
 
@@ -58,6 +76,13 @@ SENDFILE_FALLBACK_CHUNK = 256 << 10
 # sendfile(2) refusals that mean "not for this pair of descriptors": copy instead.
 _NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK})
 SMALL_BODY = 1 << 16  # `Exchange.send` joins head and body into one write up to this size
+# Requests that name no configured domain (and refusals before a head was parsed) are metered
+# under this name: never a domain name (those have no "-" alone), never shipped (edge.worker).
+UNKNOWN_DOMAIN = "-"
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at byte 120 (Linux >= 4.1).
+_TCP_INFO_LEN = 232
+_BYTES_ACKED = struct.Struct("=Q")
+_BYTES_ACKED_AT = 120
 
 
 class ClientGone(Exception):
@@ -178,14 +203,20 @@ class Exchange:
         "_chunked",
         "_conn",
         "_continue_sent",
+        "aborted",
         "body_bytes_sent",
         "bytes_sent",
+        "domain",
         "finished",
         "head",
         "headers_sent",
         "keep_alive",
+        "kind",
+        "metered_body",
+        "metered_sent",
         "method",
         "no_body",
+        "outcome",
         "status",
     )
 
@@ -200,6 +231,13 @@ class Exchange:
         self.finished = False
         self.bytes_sent = 0
         self.body_bytes_sent = 0
+        self.aborted = False
+        # Metering: set by the handler (`set_outcome`, and `domain` once routed).
+        self.domain = UNKNOWN_DOMAIN
+        self.outcome = "error"
+        self.kind = PASS
+        self.metered_sent = 0  # bytes already recorded by `HttpServer.meter_progress`
+        self.metered_body = 0
         self._chunked = False
         self._continue_sent = False
         self._body = _BodyReader(conn, head) if (head.chunked or head.content_length) else None
@@ -207,6 +245,14 @@ class Exchange:
     @property
     def peer(self) -> str:
         return self._conn.peer
+
+    def set_outcome(self, outcome: str, *, forwarded: bool = False) -> None:
+        """What the cache did (a Cache-Status outcome of edge.metrics.OUTCOMES), recorded when
+        the exchange ends. `forwarded`: the origin was asked for the response, so a "stale"
+        outcome (a stale object being replaced) is a miss, not a hit."""
+        self.outcome = outcome
+        kind = OUTCOME_KINDS[outcome]
+        self.kind = kind if not forwarded or outcome != "stale" else OUTCOME_KINDS["miss"]
 
     @property
     def has_body(self) -> bool:
@@ -218,7 +264,9 @@ class Exchange:
             return
         if self.head.expect_continue and not self._continue_sent and not self.headers_sent:
             self._continue_sent = True
-            self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+            self._conn.write(interim)
+            self.bytes_sent += len(interim)
         async for chunk in self._body:
             yield chunk
 
@@ -352,6 +400,7 @@ class Exchange:
 
     def abort(self) -> None:
         """Close the connection: the response cannot be completed (an origin died mid-body)."""
+        self.aborted = True
         self.finished = True
         self.keep_alive = False
         self._conn.abort()
@@ -359,17 +408,22 @@ class Exchange:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
+        "_acked",
         "_body",
         "_buf",
         "_closed_at",
         "_drain",
         "_exchange",
+        "_info",
+        "_lost",
         "_paused",
         "_paused_at",
         "_reading_paused",
+        "_sent",
         "_server",
         "_task",
         "_transport",
+        "_unmetered",
         "closed",
         "closing",
         "eof",
@@ -396,6 +450,14 @@ class HttpConnection(asyncio.Protocol):
         self.peer = ""
         self.last_activity = CLOCK.now
         self.head_started = 0.0
+        # Metering (module docstring): bytes every earlier exchange wrote, a duplicate of the
+        # socket's descriptor for TCP_INFO (the transport may close its own before
+        # `connection_lost`), the acknowledged total once lost, a cut exchange waiting for it.
+        self._sent = 0
+        self._info: socket.socket | None = None
+        self._acked: int | None = None
+        self._lost = False
+        self._unmetered: Exchange | None = None
 
     # asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -407,10 +469,19 @@ class HttpConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._info = socket.socket(fileno=os.dup(sock.fileno()))
         self._server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._lost = True
+        if self._info is not None:
+            self._acked = self._bytes_acked()
+            self._info.close()
+            self._info = None
+        if self._unmetered is not None:
+            self._ended(self._unmetered)
+            self._unmetered = None
         self._server.connections.discard(self)
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ClientGone("client closed"))
@@ -521,6 +592,7 @@ class HttpConnection(asyncio.Protocol):
             exchange.abort()
         except asyncio.CancelledError:
             exchange.abort()
+            self._ended(exchange)
             raise
         except Exception:
             log.exception("handler failed for %s %r", exchange.method, exchange.head.target)
@@ -542,6 +614,10 @@ class HttpConnection(asyncio.Protocol):
         exchange.send(500, synth_fields(len(body)), body)
 
     def _exchange_done(self, exchange: Exchange) -> None:
+        if exchange.aborted and not self._lost:
+            self._unmetered = exchange  # metered once the connection is gone (acked bytes)
+        else:
+            self._ended(exchange)
         self._exchange = None
         self._body = None
         now = CLOCK.now
@@ -577,12 +653,77 @@ class HttpConnection(asyncio.Protocol):
         self._refuse(error.status, error.reason, account=False)
 
     def _refuse(self, status: int, reason: str, *, account: bool = True) -> None:
+        body = (reason + "\n").encode()
+        data = status_line(status) + synth_fields(len(body)) + b"Connection: close\r\n\r\n" + body
         if account:
             self._server.handler.refused(None, self.peer, status, reason)
-        body = (reason + "\n").encode()
-        head = status_line(status) + synth_fields(len(body)) + b"Connection: close\r\n\r\n"
-        self.write(head + body)
+            self._server.meter.record(
+                UNKNOWN_DOMAIN, self._server.clock(), REFUSED, status, len(data), len(body)
+            )
+        elif self._exchange is not None:
+            self._exchange.bytes_sent += len(data)  # metered with the exchange it ends
+        self.write(data)
+        self._sent += len(data)
         self.close()
+
+    # metering ----------------------------------------------------------------------------
+    def _ended(self, ex: Exchange) -> None:
+        """Record `ex` once, as it ended: in the meter (what `meter_progress` has not recorded
+        yet) and in the server's counters; a cut response counts what was acknowledged."""
+        if self._lost or ex.aborted:
+            self._cut(ex, self._acked)
+        self._sent += ex.bytes_sent
+        server = self._server
+        server.meter.record(
+            ex.domain,
+            server.clock(),
+            ex.kind,
+            ex.status,
+            ex.bytes_sent - ex.metered_sent,
+            ex.body_bytes_sent - ex.metered_body,
+        )
+        if server.account is not None:
+            server.account(ex)
+
+    def _cut(self, ex: Exchange, acked: int | None) -> None:
+        """Reduce `ex`'s counts to what the client acknowledged (all of it when unknown), never
+        below what was metered already; lost bytes are taken off the body first."""
+        if acked is None:
+            return
+        sent = max(min(ex.bytes_sent, acked - self._sent), ex.metered_sent)
+        lost = ex.bytes_sent - sent
+        ex.bytes_sent = sent
+        ex.body_bytes_sent = max(ex.body_bytes_sent - lost, ex.metered_body, 0)
+
+    def progress(self, now: float) -> None:
+        """Record what the response in progress has delivered since the last call."""
+        ex = self._exchange
+        if ex is None or self._lost:
+            return
+        acked = self._bytes_acked()
+        if acked is None:  # no TCP_INFO: what left the transport's buffer
+            transport = self._transport
+            buffered = transport.get_write_buffer_size() if transport is not None else 0
+            acked = self._sent + ex.bytes_sent - buffered
+        sent = max(min(ex.bytes_sent, acked - self._sent), ex.metered_sent)
+        body = max(ex.body_bytes_sent - (ex.bytes_sent - sent), ex.metered_body)
+        if sent > ex.metered_sent or body > ex.metered_body:
+            self._server.meter.add_sent(
+                ex.domain, now, sent - ex.metered_sent, body - ex.metered_body
+            )
+            ex.metered_sent, ex.metered_body = sent, body
+
+    def _bytes_acked(self) -> int | None:
+        """Bytes of this connection the client's TCP acknowledged; None when unknown."""
+        if self._info is None:
+            return None
+        try:
+            raw = self._info.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        except OSError:
+            return None
+        if len(raw) < _BYTES_ACKED_AT + _BYTES_ACKED.size:
+            return None
+        return int(_BYTES_ACKED.unpack_from(raw, _BYTES_ACKED_AT)[0])
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and not self.closed:
@@ -731,7 +872,12 @@ class HttpServer:
         keepalive_timeout: float = 75.0,
         head_timeout: float = 30.0,
         send_timeout: float = 60.0,
+        meter: Meter | None = None,
+        account: Callable[[Exchange], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """`meter`: where exchanges are metered (a new one when None); `account`: called once
+        per exchange as it ends, with its final counts; `clock`: wall time (tests move it)."""
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.keepalive_timeout = keepalive_timeout
@@ -740,6 +886,9 @@ class HttpServer:
         # Longest time a client may leave a response unread (or a closing connection unflushed).
         self.send_timeout = send_timeout
         self.connections: set[HttpConnection] = set()
+        self.meter = meter if meter is not None else Meter()
+        self.account = account
+        self.clock = clock
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -756,6 +905,12 @@ class HttpServer:
             now = CLOCK.now
             for conn in list(self.connections):
                 conn.idle_check(now, self.keepalive_timeout, self.head_timeout, self.send_timeout)
+
+    def meter_progress(self) -> None:
+        """Meter what responses still in progress delivered so far (module docstring)."""
+        now = self.clock()
+        for conn in self.connections:
+            conn.progress(now)
 
     def stop_accepting(self) -> None:
         """Accept no new connections; those already accepted go on."""

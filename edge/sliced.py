@@ -83,7 +83,7 @@ class Slicing(Fills):
                 body = b"range not satisfiable\n"
                 extra = f"Content-Range: bytes */{e.total}\r\n".encode()
                 ex.send(416, synth_fields(len(body)) + extra, body)
-                self.stats.account("uri-miss", 416, ex.bytes_sent, 0)
+                ex.set_outcome("uri-miss")
                 return
             if first is None:
                 # The origin ignores Range (or the object is not sliceable): whole-object fill.
@@ -133,7 +133,7 @@ class Slicing(Fills):
             body = b"range not satisfiable\n"
             extra = f"Content-Range: bytes */{total}\r\n".encode()
             ex.send(416, synth_fields(len(body)) + extra + tail, body)
-            self.stats.account(outcome, 416, ex.bytes_sent, 0)
+            ex.set_outcome(outcome)
             return
         merged = coalesce_ranges(ranges) if ranges else None
         start, end, status = 0, total, 200
@@ -165,7 +165,7 @@ class Slicing(Fills):
         except (OriginError, FillError, NotSatisfiable, OSError):
             ex.abort()
         finally:
-            self.stats.account(outcome, status, ex.bytes_sent, ex.body_bytes_sent)
+            ex.set_outcome(outcome)
 
     async def _send_slice(self, ex: Exchange, obj: CachedObject, a: int, b: int) -> None:
         if obj.file is None:
@@ -263,7 +263,7 @@ class Slicing(Fills):
                 raise FillError("origin slice body failed") from e
             if len(body) != span.end - span.start:
                 raise FillError("origin slice shorter than its Content-Range")
-            self.stats.origin_bytes += len(body)
+            self.origin_read(domain.name, len(body))
             fields = _origin_fields(resp, response_time)
             headers_seen = policy.combine_fields(fields)
             # Stored by the rules of the whole response it is a part of (a 200).

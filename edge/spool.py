@@ -7,8 +7,8 @@ not at all (temp file, write, fsync, rename, fsync the directory), a pending bat
 changed and is deleted only after a 2xx answer, and re-sending is always safe.
 
 Two ways in. `append` writes buckets as one batch at once. `add` sums buckets into the *open*
-batch, rewritten durably on each call (the supervisor adds its workers' counts every second, so
-a hard kill loses at most that second), and `seal` makes the open batch a pending one by renaming
+batch, rewritten durably on each call (the supervisor adds its workers' counts every USAGE_TICK
+s, so a hard kill loses at most that), and `seal` makes the open batch a pending one by renaming
 its file; an open batch left by a crash is sealed when the spool is opened.
 
 Layout of `directory` (state_dir/usage): `<ns>-<id>.json` pending batches (ns: nanoseconds since
@@ -19,6 +19,13 @@ shipped, kept for a person to look at). A file holds exactly the body POSTed for
 
 `Shipper` POSTs pending batches to `{control_url}/v1/edge/usage`, oldest first, and deletes
 each on a 2xx answer; otherwise it retries with a jittered backoff capped at BACKOFF_MAX.
+
+A batch holds at most MAX_BATCH_BUCKETS buckets, so that its body stays well under the control
+plane's 8 MiB request cap (a bucket is ~330 bytes of JSON): `add` seals the open batch before it
+would grow past that, and splits what is bigger on its own.
+
+`UsageSink` is the supervisor's side (edge/supervisor.py): workers' usage in, every USAGE_TICK s
+to the open batch, sealed as each window closes, shipped when there is a control plane.
 """
 
 from __future__ import annotations
@@ -31,13 +38,14 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from edge.meter import Bucket, merge
+from edge.meter import GRACE, Bucket, merge, window_start
 
 log = logging.getLogger("edge.spool")
 
@@ -50,6 +58,10 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 TIMEOUT = 30.0  # one POST, connection included
 BATCHES_PER_ROUND = 100  # pending batches read from disk at a time
+MAX_BATCH_BUCKETS = 20000
+# The supervisor writes the workers' usage to the open batch this often; workers report every
+# edge.worker.USAGE_INTERVAL s: a hard kill loses at most the sum of both, 1 s.
+USAGE_TICK = 0.5
 
 
 class SpoolError(Exception):
@@ -112,16 +124,29 @@ class Spool:
         self._write(self._pending_path(batch_id), Batch(batch_id, self.edge_id, tuple(buckets)))
         return batch_id
 
-    def add(self, buckets: list[Bucket]) -> None:
-        """Sum `buckets` into the open batch and rewrite it durably. SpoolError when the disk
-        fails: the sum stays in memory, and the next `add` or `seal` writes it."""
+    def add(self, buckets: list[Bucket]) -> int:
+        """Sum `buckets` into the open batch and rewrite it durably; how many batches became
+        pending on the way (the open one sealed, or parts split off, to stay within
+        MAX_BATCH_BUCKETS). SpoolError when the disk fails: the sum stays in memory, and the
+        next `add` or `seal` writes it."""
         if not buckets:
-            return
+            return 0
+        made = 0
+        merged = merge([*self._open, *buckets])
+        if self._open and len(merged) > MAX_BATCH_BUCKETS:
+            self.seal()  # SpoolError: nothing changed
+            made += 1
+            merged = merge(buckets)
         if not self._open_id:
             self._open_id = uuid.uuid4().hex
-        self._open = merge([*self._open, *buckets])
+        self._open = merged
         self._open_written = False
+        while len(self._open) > MAX_BATCH_BUCKETS:
+            self.append(self._open[:MAX_BATCH_BUCKETS])  # SpoolError: all still open
+            self._open = self._open[MAX_BATCH_BUCKETS:]
+            made += 1
         self._write_open()
+        return made
 
     def seal(self) -> str | None:
         """Make the open batch pending (to be shipped); its id, None when there is none.
@@ -196,6 +221,17 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.replace(path, path.with_suffix(".bad"))
         return out
+
+    def pending_count(self) -> int:
+        return sum(1 for _ in self.directory.glob(f"*-*{_SUFFIX}"))
+
+    def trim(self, keep: int) -> int:
+        """Delete the oldest pending batches beyond `keep` (a spool no control plane empties);
+        how many were deleted."""
+        paths = sorted(self.directory.glob(f"*-*{_SUFFIX}"))
+        for path in paths[: max(len(paths) - keep, 0)]:
+            path.unlink(missing_ok=True)
+        return max(len(paths) - keep, 0)
 
     def acknowledge(self, batch_id: str) -> None:
         """The control plane has the batch: delete it (no fsync: a batch that reappears after a
@@ -337,3 +373,80 @@ class Shipper:
 
 # 4xx answers that are about the edge or the moment, not one batch: the round stops.
 _NOT_OWN = frozenset({401, 403, 404, 408, 429})
+
+
+class UsageSink:
+    """The supervisor's usage: the workers' buckets summed into the spool's open batch every
+    USAGE_TICK s (`tick`), sealed when a window closes (GRACE after its end: a worker's last second
+    of it has arrived by then; later stragglers go into the next batch, which adds up the
+    same), then shipped by `shipper` (the spool's, with a control plane), or kept, at most
+    `keep` batches, without one. Owns its task and the shipper between `start` and `stop`."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        shipper: Shipper | None,
+        *,
+        keep: int,
+        interval: float = USAGE_TICK,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.shipper = shipper
+        self.keep = keep
+        self.interval = interval
+        self.clock = clock
+        self.errors = 0  # spool writes that failed (retried with the next tick)
+        self.dropped = 0  # batches deleted unshipped by `keep` (no control plane)
+        self._received: list[Bucket] = []
+        self._window = window_start(clock() - GRACE)
+        self._task: asyncio.Task[None] | None = None
+
+    def receive(self, buckets: list[Bucket]) -> None:
+        self._received.extend(buckets)
+
+    def start(self) -> None:
+        if self.shipper is not None:
+            self.shipper.start()
+        self._task = asyncio.create_task(self._run(), name="usage-sink")
+
+    async def stop(self, flush_timeout: float) -> None:
+        """Spool and seal everything received, try to ship it for up to `flush_timeout` s (what
+        is not shipped stays spooled for the next start), and stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.tick(seal=True)
+        if self.shipper is not None:
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(flush_timeout):
+                    await self.shipper.flush()
+            await self.shipper.stop()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.tick()
+
+    def tick(self, *, seal: bool = False) -> None:
+        """Add what was received to the open batch; seal it when a window closed (or `seal`)."""
+        made = 0
+        window = window_start(self.clock() - GRACE)
+        try:
+            if self._received:
+                received, self._received = self._received, []
+                made += self.spool.add(merge(received))  # SpoolError: kept in the spool's memory
+            if seal or window != self._window:
+                self._window = window
+                made += self.spool.seal() is not None
+        except SpoolError as exc:
+            self.errors += 1
+            log.error("%s", exc)
+        if not made:
+            return
+        if self.shipper is not None:
+            self.shipper.wake()
+        else:
+            self.dropped += self.spool.trim(self.keep)

@@ -46,6 +46,13 @@ dies, to the worker that takes over as lead. A snapshot owes a flush (every work
 stored before, the lead sweeps): sent with the new STATE to the running workers and in the first
 message of any worker started until every worker and the lead did it.
 
+Usage (issue 5). Workers send their metered buckets every 0.5 s ("usage", edge/worker.py);
+the supervisor adds them to the durable open batch in state_dir/usage every 0.5 s, seals it as
+each 5-minute window closes, and, with [control], ships pending batches to the control plane
+until it acknowledges them (`edge.spool.UsageSink`). A graceful stop adds the workers' final
+usage, seals and ships for up to USAGE_FLUSH_TIMEOUT s; a SIGKILL loses at most the last second
+(the open batch on disk is sealed and shipped by the next start).
+
 Prefetch tasks are fetched here, through the edge's own listener, so that every worker's cache
 rules and the disk tier apply as for any client; all tasks together keep at most
 PREFETCH_CONCURRENCY requests in flight, and a task arriving while PREFETCH_TASKS are admitted
@@ -81,6 +88,7 @@ from yarl import URL
 from edge.admin import make_admin_app
 from edge.config import ConfigError, ControlSettings, EdgeConfig, parse_config
 from edge.follow import Change, ControlFollower, State
+from edge.meter import Bucket
 from edge.metrics import (
     Snapshot,
     empty_snapshot,
@@ -88,6 +96,7 @@ from edge.metrics import (
     merge_snapshots,
     request_count,
 )
+from edge.spool import Shipper, Spool, UsageSink
 from edge.worker import CONTROL_LINE_LIMIT, listen_socket, send_message
 
 log = logging.getLogger("edge.supervisor")
@@ -103,6 +112,7 @@ PREFETCH_CONCURRENCY = 8  # requests all prefetch tasks together have in flight
 PREFETCH_TASKS = 16  # prefetch tasks admitted (running or waiting); more are refused
 PREFETCH_APPLIED_WAIT = 10.0  # a prefetch waits this long for the workers to apply what precedes
 PREFETCH_READ_TIMEOUT = 60.0
+USAGE_FLUSH_TIMEOUT = 5.0  # a stopping edge tries this long to ship its last usage
 
 
 def read_config(path: str) -> tuple[EdgeConfig, str]:
@@ -239,7 +249,7 @@ class WorkerProcess:
                         future.set_result(cast(Snapshot, message["snapshot"]))
                 elif op == "final":
                     self.last = cast(Snapshot, message["snapshot"])
-                elif op in ("applied", "invalidate"):
+                elif op in ("applied", "invalidate", "usage"):
                     self._on_message(self, message)
         except (ConnectionError, ValueError, KeyError, TypeError) as exc:
             log.warning("worker %d (pid %d): control socket: %r", self.slot, self.pid, exc)
@@ -373,6 +383,7 @@ class Supervisor:
         self._lead: WorkerProcess | None = None  # the worker doing purges' host-wide part
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_CONCURRENCY)
         self._prefetch_tasks = 0  # admitted, running or waiting for a slot
+        self.usage: UsageSink | None = None  # between the start of `_serve` and `_shutdown`
 
     def add_periodic(self, name: str, interval: float, job: PeriodicJob) -> None:
         """Run `job(supervisor)` every `interval` s while serving (call before `run`).
@@ -418,6 +429,7 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot listen on %s:%d (admin): %s", *edge.admin_listen, exc.strerror or exc)
             return 1
+        self._start_usage()
         if self.config.control is not None:
             await self._start_follower(self.config.control, wait=True)
         generation = await self._start_generation(self.config, self._text)
@@ -452,6 +464,8 @@ class Supervisor:
             *self._drains,
             return_exceptions=True,
         )
+        if self.usage is not None:  # after the workers' final usage
+            await self.usage.stop(USAGE_FLUSH_TIMEOUT)
         if self._admin is not None:
             await self._admin.cleanup()
         self.sockets.close()
@@ -489,9 +503,25 @@ class Supervisor:
         has_state = self.follower is None or self.follower.has_state
         return current is not None and not self._stop.is_set() and current.all_ready() and has_state
 
+    def _start_usage(self) -> None:
+        edge, control = self.config.edge, self.config.control
+        spool = Spool(Path(edge.state_dir) / "usage", edge.edge_id)
+        shipper = Shipper(spool, control.url, control.token) if control is not None else None
+        self.usage = UsageSink(spool, shipper, keep=edge.usage_keep_batches)
+        self.usage.start()
+
     def _from_worker(self, sender: WorkerProcess, message: dict[str, object]) -> None:
-        """A worker's invalidation goes to every other live worker (all generations); its
-        "ready" and "applied" may let the follower ack, trim `unled` and end the flush."""
+        """A worker's usage goes to the spool, its invalidation to every other live worker (all
+        generations); its "ready" and "applied" may let the follower ack, trim `unled` and end
+        the flush."""
+        if message["op"] == "usage":
+            if self.usage is not None:
+                try:
+                    buckets = cast(list[object], message["buckets"])
+                    self.usage.receive([Bucket.from_json(b) for b in buckets])
+                except (ValueError, TypeError) as exc:  # a bug, never a reason to stop reading
+                    log.error("worker %d (pid %d): bad usage: %s", sender.slot, sender.pid, exc)
+            return
         if message["op"] in ("ready", "applied"):
             asked = sender.answered()
             if asked is not None and self.follower is not None:
@@ -981,6 +1011,9 @@ class SupervisorCollector(Collector):
             "Scrapes in which a worker did not answer in time (its previous answer was used)",
             value=sup.stats_timeouts,
         )
+        usage = sup.usage
+        if usage is not None:
+            yield from usage_families(usage)
         follower = sup.follower
         if follower is None:
             return
@@ -1005,6 +1038,37 @@ class SupervisorCollector(Collector):
             "Feed events the edge could not parse or apply (it then asked for a snapshot)",
             value=follower.bad_events,
         )
+
+
+def usage_families(usage: UsageSink) -> Iterator[Metric]:
+    """The usage spool's metrics (configs/edge.example.toml, "Usage metering")."""
+    yield GaugeMetricFamily(
+        "cdn_edge_usage_spooled_batches",
+        "Usage batches sealed and waiting in state_dir/usage (to be shipped, or kept without a "
+        "control plane)",
+        value=usage.spool.pending_count(),
+    )
+    shipper = usage.shipper
+    yield CounterMetricFamily(
+        "cdn_edge_usage_shipped_batches",
+        "Usage batches the control plane acknowledged",
+        value=shipper.shipped if shipper is not None else 0,
+    )
+    yield CounterMetricFamily(
+        "cdn_edge_usage_ship_failures",
+        "Usage POSTs to the control plane that failed (retried with backoff)",
+        value=shipper.failures if shipper is not None else 0,
+    )
+    yield CounterMetricFamily(
+        "cdn_edge_usage_spool_errors",
+        "Writes to the usage spool that failed (the counts stay in memory and are retried)",
+        value=usage.errors,
+    )
+    yield CounterMetricFamily(
+        "cdn_edge_usage_dropped_batches",
+        "Usage batches deleted unshipped past edge.usage_keep_batches (no control plane)",
+        value=usage.dropped,
+    )
 
 
 async def supervise(

@@ -14,6 +14,14 @@ Domains come from the config file's `[[domains]]`, or, with `control_state` (the
 plane's STATE, control/README.md), from the control plane: then each change and each new
 STATE the supervisor relays is enforced at once (`apply_change`, `replace_state`), and the
 purges of changes a restarted worker may have missed are applied again (`replay`).
+
+Usage (issue 5): the worker's `edge.meter.Meter` counts every exchange (edge.server) and every
+origin byte (edge.request); a supervised worker sends what it counted to the supervisor every
+USAGE_INTERVAL s and once more after draining, so a worker that is killed loses at most its
+last interval (and with the supervisor's write every edge.spool.USAGE_TICK s, a hard kill of
+the whole edge loses at most 1 s). Requests for unknown hosts (edge.server.UNKNOWN_DOMAIN) are
+in /metrics only: they belong to no customer, and are never sent on. An in-process worker
+(tests, the demo) meters without sending: its `take_usage` is the caller's to call.
 """
 
 from __future__ import annotations
@@ -39,10 +47,11 @@ from edge.admin import make_admin_app
 from edge.config import EdgeConfig, parse_config
 from edge.controlstate import Applied, ControlState, Purge
 from edge.fetch import OriginClient
+from edge.meter import Bucket, Meter
 from edge.metrics import EdgeStats, Snapshot, StatsCollector, worker_snapshot
 from edge.purge import bans_for
 from edge.request import EdgeProxy
-from edge.server import HttpServer
+from edge.server import UNKNOWN_DOMAIN, HttpServer
 from edge.store import MemoryTier
 
 log = logging.getLogger("edge.worker")
@@ -51,6 +60,8 @@ log = logging.getLogger("edge.worker")
 # have no request in progress: a connection accepted an instant before has not had its request
 # read yet, and closing it would fail a request the client already sent.
 ACCEPT_SETTLE = 0.2
+
+USAGE_INTERVAL = 0.5  # seconds between a supervised worker's usage messages (see USAGE_TICK)
 
 # The control socket's longest line: the first one carries the whole config file.
 CONTROL_LINE_LIMIT = 2**26
@@ -94,15 +105,18 @@ class EdgeWorker:
         """
         self.config = config
         self.stats = EdgeStats()
+        self.meter = Meter()
         self.store = MemoryTier(config.cache.memory)
         self.origin = OriginClient(config.origin)
-        self.proxy = EdgeProxy(config, self.store, self.origin, self.stats)
+        self.proxy = EdgeProxy(config, self.store, self.origin, self.stats, self.meter)
         self.server = HttpServer(
             self.proxy,
             max_header_bytes=config.edge.max_header_bytes,
             keepalive_timeout=config.edge.keepalive_timeout,
             head_timeout=config.edge.request_head_timeout,
             send_timeout=config.edge.send_timeout,
+            meter=self.meter,
+            account=self.proxy.account,
         )
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(StatsCollector(self.stats, self.proxy.tiers))
@@ -171,6 +185,12 @@ class EdgeWorker:
     def _purge(self, purges: Iterable[tuple[int, Purge]]) -> Durable:
         return self.proxy.purge(bans_for(purges, time.time()), lead=self.lead)
 
+    def take_usage(self) -> list[Bucket]:
+        """Everything metered since the last call, responses in progress included so far; the
+        buckets of unknown hosts are dropped (module docstring)."""
+        self.server.meter_progress()
+        return [b for b in self.meter.take_all() if b.domain != UNKNOWN_DOMAIN]
+
     def snapshot(self) -> Snapshot:
         snap = worker_snapshot(self.stats, self.proxy.tiers)
         if self.control is not None:
@@ -235,6 +255,9 @@ class EdgeWorker:
 #   worker -> supervisor, once serving: {"op": "ready", "pid": PID}
 #   supervisor -> worker: {"op": "stats", "id": N}
 #   its answer: {"op": "stats", "id": N, "snapshot": {...}}
+#   worker -> supervisor, every USAGE_INTERVAL s when it metered anything, and after draining
+#   (before "final"): {"op": "usage", "buckets": [BUCKET...]} (edge.meter.Bucket.to_json;
+#   counts since the previous usage message: the supervisor adds them up)
 #   worker -> supervisor, after draining: {"op": "final", "snapshot": {...}}
 #   worker -> supervisor, after a write invalidated keys: {"op": "invalidate", "keys": [...]}
 #   supervisor -> every other worker: the same message (they drop their memory copies)
@@ -314,6 +337,21 @@ async def _answer_applied(
         await writer.drain()
 
 
+def send_usage(writer: asyncio.StreamWriter, worker: EdgeWorker) -> None:
+    buckets = worker.take_usage()
+    if buckets:
+        send_message(writer, {"op": "usage", "buckets": [b.to_json() for b in buckets]})
+
+
+async def _report_usage(writer: asyncio.StreamWriter, worker: EdgeWorker) -> None:
+    while True:
+        await asyncio.sleep(USAGE_INTERVAL)
+        if writer.is_closing():  # a write failed: the supervisor is gone, nobody to tell
+            return
+        send_usage(writer, worker)
+        await writer.drain()
+
+
 async def run_worker_process(control_fd: int, listen_fd: int) -> None:
     """A supervised worker: read its config, serve, answer stats, drain on SIGTERM."""
     loop = asyncio.get_running_loop()
@@ -340,19 +378,26 @@ async def run_worker_process(control_fd: int, listen_fd: int) -> None:
     send_message(writer, {"op": "ready", "pid": os.getpid()})
     await writer.drain()
     control = asyncio.create_task(_answer_control(reader, writer, worker, stop), name="control")
+    usage = asyncio.create_task(_report_usage(writer, worker), name="usage")
     try:
         await stop.wait()
         log.info("draining (up to %.1fs)", grace)
-        # Stats requests are still answered while draining: the supervisor's /metrics keeps
-        # counting what this worker finishes.
+        # Stats requests and usage are still answered and sent while draining: the
+        # supervisor's /metrics and spool keep counting what this worker finishes.
         await worker.stop(grace)
+        usage.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await usage
         with contextlib.suppress(ConnectionError):
-            send_message(writer, {"op": "final", "snapshot": worker.snapshot()})
-            await writer.drain()
+            if not writer.is_closing():  # a failed usage write closed it: the supervisor is gone
+                send_usage(writer, worker)
+                send_message(writer, {"op": "final", "snapshot": worker.snapshot()})
+                await writer.drain()
     finally:
-        control.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await control
+        for task in (usage, control):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
