@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.auth import PRINCIPAL, Principal
+from control.db import write_transaction
 from control.digits import parse_digits
 from control.problems import Problem
 from control.schema import (
@@ -246,6 +247,10 @@ class Feed:
         self._generation = 0
         self._reads: dict[tuple[int, int], asyncio.Task[list[Change]]] = {}
         self._streams: set[_Stream] = set()
+        # Acks waiting for the next group commit, and what the last one wrote (see _record_ack).
+        self._pending_acks: dict[int, int] = {}
+        self._applied: dict[int, int] = {}
+        self._ack_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Start pruning and, with PostgreSQL, listening; returns once LISTEN was tried."""
@@ -426,29 +431,57 @@ class Feed:
         body = await _json_object(request)
         _check_fields(body, {"version": "int"})
         version: int = body["version"]
-        async with self.engine.begin() as conn:
+        async with self.engine.connect() as conn:
             newest = await newest_version(conn)
-            if version > newest:
-                raise Problem(
-                    422,
-                    f"version {version} is newer than the newest change ({newest})",
-                    errors=[{"field": "version", "problem": f"greater than {newest}"}],
-                )
-            applied = (
-                await conn.execute(
-                    update(edges)
-                    .where(edges.c.id == principal.edge_id)
-                    .values(
-                        applied_version=case(
-                            (edges.c.applied_version < version, version),
-                            else_=edges.c.applied_version,
-                        ),
-                        last_seen=datetime.now(UTC),
+        if version > newest:  # versions only grow: checking before the write is enough
+            raise Problem(
+                422,
+                f"version {version} is newer than the newest change ({newest})",
+                errors=[{"field": "version", "problem": f"greater than {newest}"}],
+            )
+        assert principal.edge_id is not None
+        applied = await self._record_ack(principal.edge_id, version)
+        return web.json_response({"applied_version": applied})
+
+    async def _record_ack(self, edge_id: int, version: int) -> int:
+        """Store an edge's ack; answer once it is committed. Group commit: every edge acks
+        each change at about the same time, and acks waiting while one transaction runs are
+        all written by the next, so a fleet's acks cost a couple of commits, not one each."""
+        pending = self._pending_acks
+        pending[edge_id] = max(pending.get(edge_id, 0), version)
+        async with self._ack_lock:
+            batch, self._pending_acks = self._pending_acks, {}
+            if batch:  # else an earlier holder wrote this edge's ack with its own batch
+                try:
+                    self._applied.update(await self._write_acks(batch))
+                except BaseException:
+                    # Not written: back in the queue, for the next holder (or this edge's retry).
+                    for edge, acked in batch.items():
+                        self._pending_acks[edge] = max(self._pending_acks.get(edge, 0), acked)
+                    raise
+        return int(self._applied.get(edge_id, version))
+
+    async def _write_acks(self, batch: dict[int, int]) -> dict[int, int]:
+        """One transaction: raise each edge's applied_version (never lower it); the results."""
+        now = datetime.now(UTC)
+        written: dict[int, int] = {}
+        async with write_transaction(self.engine) as conn:
+            for edge, acked in sorted(batch.items()):
+                written[edge] = (
+                    await conn.execute(
+                        update(edges)
+                        .where(edges.c.id == edge)
+                        .values(
+                            applied_version=case(
+                                (edges.c.applied_version < acked, acked),
+                                else_=edges.c.applied_version,
+                            ),
+                            last_seen=now,
+                        )
+                        .returning(edges.c.applied_version)
                     )
-                    .returning(edges.c.applied_version)
-                )
-            ).scalar_one()
-        return web.json_response({"applied_version": int(applied)})
+                ).scalar_one()
+        return written
 
     async def _task_result(self, request: web.Request) -> web.Response:
         principal = _edge(request)

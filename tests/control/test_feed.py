@@ -554,6 +554,25 @@ async def test_ack_raises_applied_version_and_never_lowers_it(
     assert await applied_version(db, edge_id) == 3
 
 
+async def test_a_fleet_acking_at_once_is_answered_and_stored_exactly(
+    db: AsyncEngine, serve: Serve
+) -> None:
+    """Every edge acks a change at about the same time: acks are group-committed, and each
+    answer still comes after its own ack is stored."""
+    fleet = [await add_edge(db, f"edge-{n}") for n in range(20)]
+    client, feed = await serve()
+    [version] = await write(feed, 1)
+    answers = await asyncio.gather(
+        *(
+            client.post("/v1/edge/ack", headers=auth(token), json={"version": version})
+            for _, token in fleet
+        )
+    )
+    assert [a.status for a in answers] == [200] * len(fleet)
+    assert [await a.json() for a in answers] == [{"applied_version": version}] * len(fleet)
+    assert [await applied_version(db, edge_id) for edge_id, _ in fleet] == [version] * len(fleet)
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
