@@ -20,6 +20,13 @@ Decisions where the agreement and the issue leave a choice:
   `ARREARS`. A payment that ends the arrears resumes exactly those in its own transaction; if the
   operator has suspended the account meanwhile, they are handed to that suspension instead, so
   resuming the account resumes them.
+- Prepaid (4.1: service begins after payment): a prepaid account's domains added while it may
+  not serve wait, suspended with `domains.AWAITING_REASON` (see control.domains). A payment or a
+  package grant after which `rating.may_serve` holds activates exactly those in its own
+  transaction, or, while the operator has suspended the account, hands them to that suspension,
+  as for arrears. A domain the operator suspended is not touched. Running out later is arrears
+  (above), not a second path: an arrears payment that leaves a prepaid balance at exactly 0
+  resumes the arrears-suspended domains but activates no waiting one.
 - Termination (5.3, 5.5): scheduled at least 30 days ahead, or at once (breach, 5.3b). Then the
   days up to it are settled (the last one up to the instant), `rating.termination_refund` is
   credited as a `refund` line (quantity: the refundable fen), and the account is terminated as
@@ -65,7 +72,12 @@ from control.api import (
     writing,
 )
 from control.db import write_transaction
-from control.domains import ACCOUNT_SUSPENDED, set_state
+from control.domains import (
+    ACCOUNT_SUSPENDED,
+    AWAITING_PREPAYMENT,
+    prepaid_may_serve,
+    set_state,
+)
 from control.models import Body, Name, Reason
 from control.notices import notify
 from control.problems import Problem
@@ -478,26 +490,42 @@ def _usage_map(usage: tuple[rating.Bucket, ...]) -> dict[datetime, int]:
 # --- enforcement: arrears, notices, termination ---------------------------------------------
 
 
-async def _arrears_domains(conn: AsyncConnection, account_id: int) -> list[Row[Any]]:
+async def _suspended_for(conn: AsyncConnection, account_id: int, prefix: str) -> list[Row[Any]]:
+    """The account's domains suspended with a reason starting `prefix` (billing's own)."""
     rows = await conn.execute(
         select(domains)
         .where(domains.c.account_id == account_id, domains.c.state == "suspended")
         .order_by(domains.c.name)
     )
-    return [row for row in rows if row.state_reason.startswith(ARREARS)]
+    return [row for row in rows if row.state_reason.startswith(prefix)]
+
+
+async def _release(conn: AsyncConnection, account: _Account, held: list[Row[Any]]) -> None:
+    """Activate `held`, or hand them to the operator's suspension of the account (whose resume
+    then resumes them): money must not undo the operator's decision."""
+    for domain in held:
+        if account.state == "active":
+            await set_state(conn, domain, "active", "")
+        elif account.state == "suspended":
+            await set_state(conn, domain, "suspended", ACCOUNT_SUSPENDED + account.state_reason)
 
 
 async def _resume_arrears(conn: AsyncConnection, account: _Account, at: datetime) -> None:
-    """The arrears ended: resume the domains suspended for them (or hand them to the
-    operator's suspension of the account, whose resume then resumes them)."""
-    suspended = await _arrears_domains(conn, account.id)
-    for domain in suspended:
-        if account.state == "active":
-            await set_state(conn, domain, "active", "")
-        else:
-            await set_state(conn, domain, "suspended", ACCOUNT_SUSPENDED + account.state_reason)
+    """The arrears ended: resume the domains suspended for them."""
+    suspended = await _suspended_for(conn, account.id, ARREARS)
+    await _release(conn, account, suspended)
     if suspended and account.state == "active":
         await notify(conn, account.id, "resumed", {"domains": [d.name for d in suspended]}, at)
+
+
+async def _start_prepaid(conn: AsyncConnection, account_id: int, at: datetime) -> None:
+    """4.1, after a payment or grant: once the account may serve, its waiting domains go live
+    in this transaction (edges hear `domain.state` with the commit)."""
+    if not await prepaid_may_serve(conn, account_id, at):
+        return
+    waiting = await _suspended_for(conn, account_id, AWAITING_PREPAYMENT)
+    if waiting:
+        await _release(conn, await _reloaded(conn, account_id), waiting)
 
 
 async def _suspend_arrears(conn: AsyncConnection, account: _Account, at: datetime) -> None:
@@ -1074,6 +1102,7 @@ async def post_payment(request: web.Request, body: PaymentIn) -> web.StreamRespo
                 f"account {account_id}",
                 {"amount_fen": body.amount_fen, "reference": body.reference},
             )
+            await _start_prepaid(conn, account_id, at)
             replayed = False
         account = await _reloaded(conn, account_id)
     payment = {"reference": body.reference, "amount_fen": body.amount_fen, "replayed": replayed}
@@ -1143,6 +1172,7 @@ async def post_package(request: web.Request, body: PackageIn) -> web.StreamRespo
             f"package {package_id}",
             {"quota_bytes": body.quota_bytes, "price_fen": body.price_fen},
         )
+        await _start_prepaid(conn, account_id, at)
         row = (await conn.execute(select(packages).where(packages.c.id == package_id))).one()
     return web.json_response(_package_view(row, at), status=201)
 

@@ -4,11 +4,20 @@ resume and terminate. Every write publishes the change edges act on, in its own 
 A domain row holds the state edges enforce. Suspending an account suspends its active domains
 with the reason prefixed by `ACCOUNT_SUSPENDED`; resuming the account restores exactly those, so a
 domain the operator suspended on its own stays suspended until the operator resumes it.
+
+Agreement 4.1 (prepaid: service begins after payment): a prepaid account that may not serve
+(`rating.may_serve`: no positive balance and no live package; an account without billing terms
+has neither) gets its new domains suspended with `AWAITING_REASON`. `control.billing` activates
+exactly those in the transaction of the payment or package grant that lets the account serve.
+That gate is only at the start: a prepaid account that later runs out goes through the arrears
+path (notice, grace, suspension; 4.3), as a postpaid one does. Such a domain may be deleted by
+its account: adding it again would only make it wait again.
 """
 
 from __future__ import annotations
 
 import socket
+from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,10 +46,15 @@ from control.config import Network
 from control.feed import publish
 from control.models import DomainList, DomainOut, DomainSettings, NewDomain, StateChange
 from control.problems import Problem
-from control.schema import accounts, domains, iso
+from control.rating import Package, may_serve
+from control.scheduler import CLOCK
+from control.schema import account_billing, accounts, domains, iso, packages
 from edge.config import DomainConfig, InvalidValue, QueryPolicy, parse_domain
 
 ACCOUNT_SUSPENDED = "account suspended: "
+AWAITING_PREPAYMENT = "awaiting prepayment: "
+"""Prefix of the reason of a prepaid account's domains held until it may serve (4.1)."""
+AWAITING_REASON = AWAITING_PREPAYMENT + "add balance or a package"
 _LOOPBACK = (IPv4Address("127.0.0.1"), IPv6Address("::1"))
 
 routes = RouteTable()
@@ -186,6 +200,41 @@ async def require_active_account(conn: AsyncConnection, account_id: int) -> None
         raise Problem(403, f"the account is {account.state}: {account.state_reason}")
 
 
+async def prepaid_may_serve(conn: AsyncConnection, account_id: int, at: datetime) -> bool:
+    """4.1 for a prepaid account at `at`: a positive balance or a live package (without billing
+    terms: neither); True for postpaid (4.2: use first; a negative balance is arrears, billing's).
+
+    Locks the account's billing row (PostgreSQL), as payments and grants do, so a domain added
+    while a payment commits is seen by it (or sees it) instead of waiting for a later one."""
+    billing = (
+        await conn.execute(select(accounts.c.billing).where(accounts.c.id == account_id))
+    ).scalar_one()
+    if billing != "prepaid":
+        return True
+    balance = (
+        await conn.execute(
+            select(account_billing.c.balance_fen)
+            .where(account_billing.c.account_id == account_id)
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+    if balance is None:
+        return False
+    rows = await conn.execute(select(packages).where(packages.c.account_id == account_id))
+    held = [
+        Package(
+            str(row.id),
+            int(row.quota_bytes),
+            int(row.remaining_bytes),
+            row.activated_at,
+            row.expires_at,
+            int(row.price_fen),
+        )
+        for row in rows
+    ]
+    return may_serve("prepaid", int(balance), held, at)
+
+
 def path_name(request: web.Request) -> str:
     return request.match_info["name"].lower().removesuffix(".")
 
@@ -245,14 +294,15 @@ async def create_domain(request: web.Request, body: NewDomain) -> web.StreamResp
             await require_active_account(conn, account_id)
             if await find(conn, parsed.name) is not None:
                 raise Problem(409, f"domain {parsed.name!r} is already registered")
+            serving = await prepaid_may_serve(conn, account_id, request.app[CLOCK].now())
             at = now()
             await conn.execute(
                 insert(domains).values(
                     account_id=account_id,
                     name=parsed.name,
                     config=config,
-                    state="active",
-                    state_reason="",
+                    state="active" if serving else "suspended",
+                    state_reason="" if serving else AWAITING_REASON,
                     created_at=at,
                     updated_at=at,
                 )
@@ -322,8 +372,9 @@ async def delete_domain(request: web.Request) -> web.StreamResponse:
     async with writing(request) as conn:
         row = await own(conn, principal, name)
         _not_terminated(row)
-        if row.state == "suspended":
-            # deleting and adding it again would undo the suspension
+        if row.state == "suspended" and not row.state_reason.startswith(AWAITING_PREPAYMENT):
+            # deleting and adding it again would undo the suspension (a domain awaiting
+            # prepayment would only wait again)
             raise Problem(409, "suspended domains cannot be deleted; ask the operator")
         await conn.execute(delete(domains).where(domains.c.id == row.id))
         await publish(conn, "domain.delete", {"name": name})

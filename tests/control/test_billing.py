@@ -117,10 +117,10 @@ async def billed_account(
 async def test_a_month_prepaid_packages_overage_arrears_payment(api: Api) -> None:
     api.app[CLOCK].set(local(1))
     a, token = await billed_account(api, "acme", low_balance_fen=1000)
-    await api.domain(token, "www.acme.test")
     paid = await api.ok(
         "POST", f"/v1/accounts/{a}/payments", body={"amount_fen": 10000, "reference": "p1"}
     )
+    await api.domain(token, "www.acme.test")  # after the prepayment: active at once (4.1)
     assert paid["balance_fen"] == 10000
     # Two packages: P1 expires mid-month (Nov 11) with 2 GB unused, P2 lasts the month.
     p1 = await api.ok(
@@ -328,8 +328,8 @@ async def test_validation(api: Api) -> None:
 async def test_termination_now_refunds_unconsumed_prepayment(api: Api) -> None:
     api.app[CLOCK].set(local(1))
     a, token = await billed_account(api, "gone")
-    await api.domain(token, "www.gone.test")
     await api.ok("POST", f"/v1/accounts/{a}/payments", body={"amount_fen": 5000, "reference": "1"})
+    await api.domain(token, "www.gone.test")
     body = {"quota_bytes": 10 * GB, "valid_days": 30, "price_fen": 1000}
     pkg = await api.ok("POST", f"/v1/accounts/{a}/packages", body=body)
     await add_usage(api, a, "www.gone.test", local(1, 1), 4 * GB)
@@ -356,8 +356,8 @@ async def test_termination_now_refunds_unconsumed_prepayment(api: Api) -> None:
 async def test_scheduled_termination_happens_at_its_time(api: Api) -> None:
     api.app[CLOCK].set(local(1))
     a, token = await billed_account(api, "planned")
-    await api.domain(token, "www.planned.test")
     await api.ok("POST", f"/v1/accounts/{a}/payments", body={"amount_fen": 900, "reference": "1"})
+    await api.domain(token, "www.planned.test")
     at = local(2, 12, month=12)
     scheduled = await api.ok(
         "POST", f"/v1/accounts/{a}/termination", body={"at": at.isoformat(), "reason": "5.5"}

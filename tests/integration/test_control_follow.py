@@ -1009,7 +1009,9 @@ async def test_end_to_end_with_the_control_plane(
                     return await r.json() if r.status != 204 else None
 
             edge_token = (await call("POST", "/v1/edges", ADMIN, {"name": "edge-1"}))["token"]
-            made = await call("POST", "/v1/accounts", ADMIN, {"name": "acme", "billing": "prepaid"})
+            made = await call(
+                "POST", "/v1/accounts", ADMIN, {"name": "acme", "billing": "postpaid"}
+            )
             e = await controlled(url, token=edge_token)
             await call("POST", "/v1/domains", made["token"], {"name": HOST, "origins": [e.origin]})
             await e.start()

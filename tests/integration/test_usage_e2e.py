@@ -126,7 +126,9 @@ async def test_usage_reaches_the_control_plane_exactly(
                     return await r.json() if r.status != 204 else None
 
             edge_token = (await call("POST", "/v1/edges", ADMIN, {"name": "edge-1"}))["token"]
-            made = await call("POST", "/v1/accounts", ADMIN, {"name": "acme", "billing": "prepaid"})
+            made = await call(
+                "POST", "/v1/accounts", ADMIN, {"name": "acme", "billing": "postpaid"}
+            )
             origin = await make_origin(ROUTES)
             for name in (HOST, SUSPENDED):
                 body = {"name": name, "origins": [origin.url]}
