@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import shutil
 import statistics
 import sys
 import time
@@ -59,7 +60,14 @@ class Origin:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/{kind}/{n}", self.serve)
+        app.router.add_post("/_next{path:/.*}", self.next_generation)
         return app
+
+    async def next_generation(self, request: web.Request) -> web.Response:
+        """The benchmark's own call, before a purge: the object's next bytes."""
+        path = request.match_info["path"]
+        self.generation[path] = self.generation.get(path, 0) + 1
+        return web.Response(text=str(self.generation[path]))
 
     async def serve(self, request: web.Request) -> web.Response:
         self.fetches += 1
@@ -91,7 +99,7 @@ class Bench:
         self.edge_count = edges
         self.operations = operations
         self.cdn = find_cdn()
-        self.origin = Origin()
+        self.origin_port = 0
         self.processes: list[ManagedProcess] = []
         self.edges: list[Edge] = []
         self.admin_token = secrets.token_urlsafe(24)
@@ -102,10 +110,10 @@ class Bench:
 
     # --- set-up ---------------------------------------------------------------------------
     async def start(self, session: aiohttp.ClientSession) -> None:
-        WORK.mkdir(parents=True, exist_ok=True)
-        for old in WORK.glob("*"):
-            if old.is_file():
-                old.unlink()
+        # Every run starts clean: an edge's saved state, bans and usage spool from an earlier
+        # run would be replayed against this run's new control plane.
+        shutil.rmtree(WORK, ignore_errors=True)
+        WORK.mkdir(parents=True)
         control_toml = WORK / "control.toml"
         control_toml.write_text(
             f"""[control]
@@ -122,14 +130,26 @@ origin_deny = []  # the benchmark's origin is on loopback
         control.start()
         self.processes.append(control)
         await asyncio.to_thread(
-            wait_until, control, lambda: _port_answers(self.control_port), 30, "control plane"
+            wait_until,
+            control,
+            lambda: _answers(self.control_port, "/v1/openapi.json"),
+            30,
+            "control plane",
         )
 
-        origin_port = free_port()
-        runner = web.AppRunner(self.origin.app(), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, HOST, origin_port).start()
-        self._origin_runner = runner
+        # The origin runs in a process of its own: in this one it would queue behind the
+        # pollers, and the purges' refetches would measure the benchmark, not the edges.
+        self.origin_port = origin_port = free_port()
+        origin = ManagedProcess(
+            "origin",
+            [sys.executable, str(Path(__file__)), "--serve-origin", str(origin_port)],
+            WORK / "origin.log",
+        )
+        origin.start()
+        self.processes.append(origin)
+        await asyncio.to_thread(
+            wait_until, origin, lambda: _answers(origin_port, "/obj/0"), 30, "origin"
+        )
 
         account = await self.api(
             session,
@@ -257,8 +277,8 @@ token = "{made["token"]}"
             prefix = "obj" if kind == "url-purge" else "tag"
             path = f"/{prefix}/{number}"
             await self.warm(path)
-            generation = self.origin.generation.get(path, 0) + 1
-            self.origin.generation[path] = generation
+            async with session.post(f"http://{HOST}:{self.origin_port}/_next{path}") as resp:
+                generation = int(await resp.text())
             expected = f"{path} gen {generation}"
             watch = Watch(path, lambda status, body: status == 200 and body == expected)
             body: dict[str, object] = (
@@ -284,15 +304,12 @@ token = "{made["token"]}"
     async def stop(self) -> None:
         for process in reversed(self.processes):
             await asyncio.to_thread(process.stop)
-        runner = getattr(self, "_origin_runner", None)
-        if runner is not None:
-            await runner.cleanup()
 
 
-def _port_answers(port: int) -> bool:
+def _answers(port: int, path: str) -> bool:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://{HOST}:{port}/v1/openapi.json", timeout=1) as resp:
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=1) as resp:
         return bool(resp.status == 200)
 
 
@@ -367,7 +384,11 @@ def main() -> int:
     parser.add_argument("--edges", type=int, default=10)
     parser.add_argument("--operations", type=int, default=300)
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--serve-origin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_origin:  # the origin's own process (see Bench.start)
+        web.run_app(Origin().app(), host=HOST, port=args.serve_origin, access_log=None)
+        return 0
     reap_stale_groups()
     try:
         with exclusive_out_dir():
