@@ -58,7 +58,9 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 TIMEOUT = 30.0  # one POST, connection included
 BATCHES_PER_ROUND = 100  # pending batches read from disk at a time
-MAX_BATCH_BUCKETS = 20000
+# A bucket is at most ~620 bytes of JSON (a 253-character domain, 15-digit counts): 10000 keep a
+# batch under the control plane's 8 MiB request body limit, which would refuse it forever.
+MAX_BATCH_BUCKETS = 10000
 # The supervisor writes the workers' usage to the open batch this often; workers report every
 # edge.worker.USAGE_INTERVAL s: a hard kill loses at most the sum of both, 1 s.
 USAGE_TICK = 0.5
@@ -134,7 +136,12 @@ class Spool:
         made = 0
         merged = merge([*self._open, *buckets])
         if self._open and len(merged) > MAX_BATCH_BUCKETS:
-            self.seal()  # SpoolError: nothing changed
+            try:
+                self.seal()
+            except SpoolError:
+                # The new buckets join the open ones in memory: the next add or seal writes them.
+                self._open, self._open_written = merged, False
+                raise
             made += 1
             merged = merge(buckets)
         if not self._open_id:

@@ -154,6 +154,35 @@ def test_a_failed_add_keeps_the_sum_in_memory_and_the_last_one_on_disk(
     assert [(b.id, b.buckets[0].bytes_sent) for b in spool.pending()] == [(batch_id, 3)]
 
 
+def test_an_add_whose_seal_fails_keeps_the_new_buckets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full open batch is sealed before new buckets go in; if that seal fails, the new
+    buckets must stay in memory too (they were lost: found by a review)."""
+    monkeypatch.setattr("edge.spool.MAX_BATCH_BUCKETS", 3)
+    spool = Spool(tmp_path, EDGE)
+    spool.add([bucket(domain=f"d{n}.example.com", sent=100) for n in range(3)])
+    with monkeypatch.context() as patch:
+        disk_full(patch, "replace")
+        with pytest.raises(SpoolError):
+            spool.add([bucket(domain="new.example.com", sent=999)])
+    spool.seal()
+    total = sum(b.bytes_sent for batch in spool.pending() for b in batch.buckets)
+    assert total == 3 * 100 + 999
+
+
+def test_a_batch_of_the_largest_buckets_fits_the_control_planes_body_limit() -> None:
+    """The control plane refuses bodies over 8 MiB, and a refused batch would never ship."""
+    from edge.spool import MAX_BATCH_BUCKETS
+
+    name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 57]) + ".com"
+    big = Bucket(name, T0, *([10**15] * 13))
+    body = json.dumps(
+        Batch("f" * 32, "e" * 64, (big,) * MAX_BATCH_BUCKETS).to_json(), separators=(",", ":")
+    )
+    assert len(body) < 8 * 2**20
+
+
 def test_unreadable_batches_are_set_aside_not_shipped(tmp_path: Path) -> None:
     spool = Spool(tmp_path, EDGE)
     good = spool.append([bucket()])
