@@ -30,8 +30,11 @@ Decisions where the agreement and the issue leave a choice:
 - Termination (5.3, 5.5): scheduled at least 30 days ahead, or at once (breach, 5.3b). Then the
   days up to it are settled (the last one up to the instant), `rating.termination_refund` is
   credited as a `refund` line (quantity: the refundable fen), and the account is terminated as
-  the operator's terminate does (edges delete caches, 6.3). A terminated account is not settled
-  further; late usage of its earlier days is still adjusted.
+  the operator's terminate does (edges delete caches, 6.3). That settlement is final: the
+  scheduler never settles or adjusts a terminated account again, so usage arriving late for any
+  of its days (including the termination day, before or after the instant) is not billed and
+  the refund stands; it stays visible in `GET /v1/usage`. Customer-safe: never charge an
+  account after it was closed and refunded.
 - Several replicas: every transaction of the job first takes `pg_try_advisory_xact_lock`; when
   another replica holds it, this run stops (the other is settling). Settlement and payments also
   lock the account's `account_billing` row, so they never interleave on one account.
@@ -653,10 +656,11 @@ async def _settle_through(
 async def _adjust_late(
     engine: AsyncEngine, account_id: int, at: datetime, clock: Clock, changed: Callable[[], None]
 ) -> list[DayCharge]:
-    """Find settled days whose usage grew since (late batches) and adjust each once."""
+    """Find settled days whose usage grew since (late batches) and adjust each once; never for
+    a terminated account (its settlement at termination is final)."""
     async with engine.connect() as conn:
         account = await _load(conn, account_id, lock=False)
-        if account is None:
+        if account is None or account.state == "terminated":
             return []
         tz = account.terms.timezone
         since = rating.billing_date(at, tz) - timedelta(days=ADJUST_DAYS)
@@ -684,9 +688,10 @@ async def _adjust_late(
     for day in stale:
         try:
             async with _settling(engine, changed) as conn:
-                result = await _adjust_day(
-                    conn, await _reloaded(conn, account_id), day, clock.now()
-                )
+                account = await _reloaded(conn, account_id)
+                if account.state == "terminated":  # terminated meanwhile: final
+                    return done
+                result = await _adjust_day(conn, account, day, clock.now())
         except ValueError as exc:  # usage went down: a bug elsewhere, never charge it back
             log.warning("account %d: cannot adjust %s: %s", account_id, day, exc)
             continue

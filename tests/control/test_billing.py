@@ -13,6 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -351,6 +352,34 @@ async def test_termination_now_refunds_unconsumed_prepayment(api: Api) -> None:
     before = await lines(api, a)
     await tick(api, local(5))  # a terminated account is not settled further
     assert await lines(api, a) == before
+
+
+async def test_late_usage_after_termination_is_not_billed(api: Api) -> None:
+    api.app[CLOCK].set(local(1))
+    a, token = await billed_account(api, "late")
+    await api.ok("POST", f"/v1/accounts/{a}/payments", body={"amount_fen": 5000, "reference": "1"})
+    await api.domain(token, "www.late.test")
+    await add_usage(api, a, "www.late.test", local(1, 1), 4 * GB)
+    api.app[CLOCK].set(local(2, 12))
+    done = await api.ok(
+        "POST", f"/v1/accounts/{a}/termination", body={"now": True, "reason": "breach"}
+    )
+    assert done["refund"]["refund_fen"] == done["balance_fen"] == 4200  # 5000 - 4 GB at 200
+    before = (await lines(api, a), await notice_kinds(api, a))
+    # an edge that was offline delivers the termination day's usage: before and after the instant
+    await add_usage(api, a, "www.late.test", local(2, 11), 3 * GB)
+    await add_usage(api, a, "www.late.test", local(2, 12, 5), 1 * GB)
+    await tick(api, local(3, 1))
+    await tick(api, local(4, 1))
+    # the settlement at termination is final: no adjustment, the refund stands
+    assert (await lines(api, a), await notice_kinds(api, a)) == before
+    assert (await lines(api, a))[-1] == ("2026-11-02", "refund", "5.5", "4200", 0, False)
+    balance = await money(api, a)
+    assert balance["balance_fen"] == 4200 and balance["arrears_since"] is None
+    # the late usage stays visible to the operator
+    query = {"granularity": "1d", "account": str(a), "from": local(2).isoformat()}
+    seen = await api.ok("GET", f"/v1/usage?{urlencode({**query, 'to': local(3).isoformat()})}")
+    assert [p["bytes_sent"] for p in seen["points"]] == [4 * GB]
 
 
 async def test_scheduled_termination_happens_at_its_time(api: Api) -> None:
