@@ -24,12 +24,20 @@ recorded as it goes (`HttpServer.meter_progress`, every second), so a long trans
 into the 5-minute window in which they were sent; the request itself counts where it ends.
 
 Bytes sent: the status line, header block, framing and body bytes handed to the kernel for
-the client's socket. A response cut short (aborted, client gone, timeout) counts only what the
-client's TCP acknowledged (TCP_INFO tcpi_bytes_acked of the connection, less what earlier
-responses on it sent): bytes still in the edge's buffers or the kernel's send queue when the
-connection was lost are not billed. A response the edge finished handing over is counted whole,
-even if the connection dies before the client read its tail. Where TCP_INFO is unavailable
-(not a TCP socket) a cut response counts what was handed to the transport.
+the client's socket. A response cut short because the client went away (it closed or reset the
+connection, or stopped reading until the send timeout cut it) counts only what the client's TCP
+acknowledged (TCP_INFO tcpi_bytes_acked of the connection, less what earlier responses on it
+sent): bytes still in the edge's buffers or the kernel's send queue when the connection was lost
+are not billed. A response the edge itself cuts while the client is still connected (an origin
+died mid-body, a handler failed after the head, shutdown) counts what was handed to the kernel:
+the bytes written to the transport less what the transport still buffered at the moment of the
+abort (`HttpConnection.abort`), because closing the socket drops only the transport's buffer,
+and the kernel goes on delivering its send queue, then a FIN. Unless the kernel cannot deliver
+it: the client reset the connection meanwhile (TCP state CLOSE at `connection_lost`), or unread
+request bytes make the close a reset; then it is the acknowledged bytes again. A response the
+edge finished handing over is counted whole, even if the connection dies before the client read
+its tail. Where TCP_INFO is unavailable (not a TCP socket) a cut response counts what was handed
+to the transport.
 """
 
 from __future__ import annotations
@@ -37,10 +45,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
 import struct
+import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
@@ -79,10 +89,14 @@ SMALL_BODY = 1 << 16  # `Exchange.send` joins head and body into one write up to
 # Requests that name no configured domain (and refusals before a head was parsed) are metered
 # under this name: never a domain name (those have no "-" alone), never shipped (edge.worker).
 UNKNOWN_DOMAIN = "-"
-# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at byte 120 (Linux >= 4.1).
+# struct tcp_info (linux/tcp.h): tcpi_state, a u8 at byte 0; tcpi_bytes_acked, a u64 at byte
+# 120 (Linux >= 4.1).
 _TCP_INFO_LEN = 232
 _BYTES_ACKED = struct.Struct("=Q")
 _BYTES_ACKED_AT = 120
+# TCP states (include/net/tcp_states.h) in which the kernel still delivers its send queue.
+_TCP_DELIVERING = frozenset({1, 8})  # TCP_ESTABLISHED, TCP_CLOSE_WAIT
+_INT = struct.Struct("=i")
 
 
 class ClientGone(Exception):
@@ -364,7 +378,7 @@ class Exchange:
                             await conn.wait_writable(sock_fd)
                             continue
                         except (BrokenPipeError, ConnectionResetError):
-                            conn.abort()
+                            conn.abort(deliver=False)
                             raise ClientGone("client closed") from None
                         except OSError as e:
                             if e.errno not in _NO_SENDFILE:
@@ -408,12 +422,14 @@ class Exchange:
 
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
+        "_aborted",
         "_acked",
         "_body",
         "_buf",
         "_closed_at",
         "_drain",
         "_exchange",
+        "_handed",
         "_info",
         "_lost",
         "_paused",
@@ -452,10 +468,14 @@ class HttpConnection(asyncio.Protocol):
         self.head_started = 0.0
         # Metering (module docstring): bytes every earlier exchange wrote, a duplicate of the
         # socket's descriptor for TCP_INFO (the transport may close its own before
-        # `connection_lost`), the acknowledged total once lost, a cut exchange waiting for it.
+        # `connection_lost`), the acknowledged total once lost, a cut exchange waiting for it;
+        # when the edge aborted the connection with the client still there, the bytes the
+        # kernel had taken by then (it delivers them: module docstring).
         self._sent = 0
         self._info: socket.socket | None = None
         self._acked: int | None = None
+        self._aborted = False
+        self._handed: int | None = None
         self._lost = False
         self._unmetered: Exchange | None = None
 
@@ -476,7 +496,7 @@ class HttpConnection(asyncio.Protocol):
         self.closed = True
         self._lost = True
         if self._info is not None:
-            self._acked = self._bytes_acked()
+            self._acked = self._delivered()
             self._info.close()
             self._info = None
         if self._unmetered is not None:
@@ -715,6 +735,11 @@ class HttpConnection(asyncio.Protocol):
 
     def _bytes_acked(self) -> int | None:
         """Bytes of this connection the client's TCP acknowledged; None when unknown."""
+        info = self._tcp_info()
+        return None if info is None else info[1]
+
+    def _tcp_info(self) -> tuple[int, int] | None:
+        """(tcpi_state, tcpi_bytes_acked) of the connection; None when unknown."""
         if self._info is None:
             return None
         try:
@@ -723,7 +748,28 @@ class HttpConnection(asyncio.Protocol):
             return None
         if len(raw) < _BYTES_ACKED_AT + _BYTES_ACKED.size:
             return None
-        return int(_BYTES_ACKED.unpack_from(raw, _BYTES_ACKED_AT)[0])
+        return raw[0], int(_BYTES_ACKED.unpack_from(raw, _BYTES_ACKED_AT)[0])
+
+    def _delivered(self) -> int | None:
+        """At `connection_lost`, before the last descriptor closes: the bytes of the connection
+        the client gets. What its TCP acknowledged, or, when the edge aborted the connection
+        with the client still there, what the kernel had taken (`abort`): closing the socket
+        lets the kernel deliver its send queue, unless the client reset the connection
+        meanwhile or unread request bytes make the close a reset (module docstring)."""
+        info = self._tcp_info()
+        if info is None:
+            return None
+        state, acked = info
+        handed = self._handed
+        if handed is None or state not in _TCP_DELIVERING or self._info is None:
+            return acked
+        try:
+            raw = fcntl.ioctl(self._info.fileno(), termios.FIONREAD, bytes(_INT.size))
+        except OSError:
+            return acked
+        if _INT.unpack(raw)[0]:
+            return acked  # unread input: the close sends a reset and drops the send queue
+        return max(acked, handed)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and not self.closed:
@@ -813,10 +859,19 @@ class HttpConnection(asyncio.Protocol):
             self._closed_at = CLOCK.now
             self._transport.close()
 
-    def abort(self) -> None:
-        """Close now, dropping unsent data (also when a close is already in progress)."""
-        if self._transport is not None:
-            self._transport.abort()
+    def abort(self, *, deliver: bool = True) -> None:
+        """Close now, dropping what the transport still buffers (also when a close is already in
+        progress). `deliver`: the client may still read what the kernel holds, so a cut
+        response counts what was handed to the kernel (module docstring); False when the client
+        is gone or stopped reading (what it acknowledged counts)."""
+        transport = self._transport
+        if transport is not None and not self._aborted:
+            self._aborted = True
+            if deliver and not self._lost:
+                ex = self._exchange
+                written = self._sent + (ex.bytes_sent if ex is not None else 0)
+                self._handed = written - transport.get_write_buffer_size()
+            transport.abort()
         self.closed = True
 
     # sweeper hooks ---------------------------------------------------------------------
@@ -827,11 +882,11 @@ class HttpConnection(asyncio.Protocol):
             # close() waits for the transport to flush: a client that never reads must not
             # keep the connection forever.
             if now - self._closed_at > send_timeout:
-                self.abort()
+                self.abort(deliver=False)
             return
         if self._paused:
             if now - self._paused_at > send_timeout:
-                self.abort()  # the client stopped reading
+                self.abort(deliver=False)  # the client stopped reading
             return
         if self._exchange is None:
             if self._buf and now - self.head_started > head_timeout:

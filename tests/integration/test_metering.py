@@ -183,3 +183,50 @@ async def test_a_long_response_counts_in_the_windows_it_was_sent_in(
     assert later["requests"] == 1 and later["bytes_sent"] > 0
     assert earlier["bytes_sent"] + later["bytes_sent"] == total
     assert earlier["body_bytes"] + later["body_bytes"] == len(BIG)
+
+
+async def test_a_response_the_edge_cuts_counts_what_the_client_got(
+    make_edge: EdgeFactory, make_origin: MakeOrigin
+) -> None:
+    """The origin dies mid-body and the edge aborts the client's connection: the kernel still
+    delivers what the edge had handed it, so metered bytes_sent equals every byte the client
+    read until EOF (status line, header block and the part of the body it got)."""
+    sent = 48 * 65536  # 3 MiB of a declared 8 MiB
+
+    async def dying(req: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Cache-Control": "max-age=600", "Content-Length": str(len(BIG))}
+        )
+        await resp.prepare(req)
+        for i in range(0, sent, 65536):
+            await resp.write(BIG[i : i + 65536])
+        await asyncio.sleep(1.0)
+        assert req.transport is not None
+        req.transport.abort()  # the origin dies mid-body
+        return resp
+
+    origin = await make_origin({"/die": dying})
+    edge = await make_edge([origin.url])
+    usage = Usage(edge.worker)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", edge.port))
+        await loop.sock_sendall(sock, f"GET /die HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        await asyncio.sleep(2.0)  # the client reads nothing while the origin dies
+        data = bytearray()
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 1 << 20):
+                data += chunk
+    finally:
+        sock.close()
+    await usage.until(lambda u: u["requests"] == 1)
+    head_end = data.index(b"\r\n\r\n") + 4
+    assert data.startswith(b"HTTP/1.1 200 ")
+    body = len(data) - head_end
+    assert 0 < body < len(BIG)  # cut short
+    assert data[head_end:] == BIG[:body]
+    assert usage.total["bytes_sent"] == len(data), (usage.total["bytes_sent"], len(data))
+    assert usage.total["body_bytes"] == body
