@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 
 from edge.config import ControlSettings
+from edge.files import write_atomically
 
 log = logging.getLogger("edge.follow")
 
@@ -207,27 +208,6 @@ def check_state(state: object) -> State:
         raise ValueError("not a STATE object (version, at, domains, blocks)")
     state.setdefault("at", None)
     return state
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` so that a crash at any moment leaves the old file or the new one:
-    a temp file in the same directory, fsync, rename over, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(slots=True)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from edge.controlstate import Purge
 from edge.disk import ObjectMeta
+from edge.files import write_atomically
 from edge.slices import SLICE_MARK
 
 if TYPE_CHECKING:
@@ -284,18 +285,7 @@ class BanKeeper:
         data = json.dumps(
             {"version": version, "bans": [asdict(b) for b in bans]}, separators=(",", ":")
         ).encode()
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_atomically(self.path, data)
         except OSError as e:
             log.warning("cannot persist bans to %s: %s", self.path, e)

@@ -45,6 +45,7 @@ from typing import Any
 
 import aiohttp
 
+from edge.files import sync_directory, write_atomically
 from edge.meter import GRACE, Bucket, merge, window_start
 
 log = logging.getLogger("edge.spool")
@@ -165,7 +166,7 @@ class Spool:
         batch_id = self._open_id
         try:
             os.replace(self.directory / OPEN, self._pending_path(batch_id))
-            self._sync_directory()
+            sync_directory(self.directory)
         except OSError as exc:
             raise SpoolError(f"usage spool {self.directory}: cannot seal a batch: {exc}") from exc
         self._open_id, self._open = "", []
@@ -186,29 +187,10 @@ class Spool:
     def _write(self, path: Path, batch: Batch) -> None:
         """`batch` as `path`, all or nothing: a temp file, fsync, rename, fsync the directory."""
         data = json.dumps(batch.to_json(), separators=(",", ":")).encode()
-        temp = self.directory / f"{_TEMP}{uuid.uuid4().hex}"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, path)
-            self._sync_directory()
+            write_atomically(path, data, temp=self.directory / f"{_TEMP}{uuid.uuid4().hex}")
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                temp.unlink(missing_ok=True)
             raise SpoolError(f"usage spool {self.directory}: cannot write a batch: {exc}") from exc
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from edge.config import ControlSettings
+from edge.files import write_atomically
 from edge.follow import (
     BadEvent,
     Change,
@@ -22,7 +23,6 @@ from edge.follow import (
     apply_change,
     empty_state,
     load_saved,
-    write_atomically,
 )
 
 # --- SSE --------------------------------------------------------------------------------------
