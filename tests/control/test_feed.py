@@ -404,7 +404,12 @@ async def test_idle_streams_do_not_poll_and_share_their_reads(
     reads = 0
     feed.changed()  # a spurious wake (another schema's NOTIFY, a rolled-back writer): harmless
     await asyncio.sleep(0.5)
-    assert reads <= 2  # one shared read for the wake, then nothing while idle
+    # Shared: one read per wake for all five streams, not one each. (On PostgreSQL the NOTIFY
+    # of the write above may add a wake of its own, so not "exactly one".)
+    assert reads < len(streams)
+    reads = 0
+    await asyncio.sleep(0.5)
+    assert reads == 0  # idle: nothing read at all
     reads = 0
     [v2] = await write(feed)
     for stream in streams:
