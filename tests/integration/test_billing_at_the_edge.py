@@ -12,6 +12,7 @@ today's billing day, and the ticks then jump past the following midnights.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -140,12 +140,7 @@ async def test_arrears_penalty_suspension_and_resumption_at_the_edge(
     try:
         async with aiohttp.ClientSession() as client:
 
-            async def call(method: str, path: str, token: str, body: object = None) -> Any:
-                headers = {"Authorization": f"Bearer {token}"}
-                url = plane.url + path
-                async with client.request(method, url, json=body, headers=headers) as r:
-                    assert r.status < 300, (method, path, r.status, await r.text())
-                    return await r.json()
+            call = functools.partial(plane.call, client)
 
             # The billing clock starts at the real instant (the edge meters real time), not
             # just before a midnight: the traffic must fall in one billing day.

@@ -6,6 +6,7 @@ request, through a graceful stop, a control-plane outage and a SIGKILL of the su
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,20 @@ class Plane:
         )  # fmt: skip
         self.server = TestServer(make_app(config, self.engine), host="127.0.0.1", port=self.port)
         await self.server.start_server()
+
+    async def call(
+        self,
+        client: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        token: str,
+        body: object = None,
+    ) -> Any:
+        """One API call that must succeed; its JSON (None for a 204)."""
+        headers = {"Authorization": f"Bearer {token}"}
+        async with client.request(method, self.url + path, json=body, headers=headers) as r:
+            assert r.status < 300, (method, path, r.status, await r.text())
+            return await r.json() if r.status != 204 else None
 
     async def down(self) -> None:
         if self.server is not None:
@@ -118,12 +133,7 @@ async def test_usage_reaches_the_control_plane_exactly(
     try:
         async with aiohttp.ClientSession() as client:
 
-            async def call(method: str, path: str, token: str, body: object = None) -> Any:
-                headers = {"Authorization": f"Bearer {token}"}
-                url = plane.url + path
-                async with client.request(method, url, json=body, headers=headers) as r:
-                    assert r.status < 300, (method, path, r.status, await r.text())
-                    return await r.json() if r.status != 204 else None
+            call = functools.partial(plane.call, client)
 
             edge_token = (await call("POST", "/v1/edges", ADMIN, {"name": "edge-1"}))["token"]
             made = await call(
