@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.auth import PRINCIPAL, Principal
+from control.background import sleep_unless_stopping, stop_at_safe_point
 from control.db import write_transaction
 from control.digits import parse_digits
 from control.problems import Problem
@@ -63,6 +64,9 @@ LISTEN_PROBE = 10.0
 RECONNECT_MIN = 0.5
 RECONNECT_MAX = 30.0
 # How often the pruning task runs at most (seconds); more often when `keep` is short.
+# How long a stopping feed lets a prune in progress finish (cancelling it mid-statement on
+# SQLite invalidates the connection: control.background).
+PRUNE_STOP_GRACE = 10.0
 PRUNE_EVERY = 3600.0
 MAX_ID = 2**31 - 1  # the largest Integer primary key
 MAX_ID_DIGITS = 10
@@ -241,6 +245,7 @@ class Feed:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._pruner: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()  # the first LISTEN attempt finished (either way)
         # One in-flight log read per (last version, wake generation), shared by the streams
         # that need exactly it: a wake costs one query per distinct position, not per stream.
@@ -255,7 +260,7 @@ class Feed:
     async def start(self) -> None:
         """Start pruning and, with PostgreSQL, listening; returns once LISTEN was tried."""
         self._stopping.clear()
-        self._tasks.append(asyncio.create_task(self._prune_loop(), name="feed-prune"))
+        self._pruner = asyncio.create_task(self._prune_loop(), name="feed-prune")
         if self.engine.dialect.name == "postgresql":
             self._tasks.append(asyncio.create_task(self._listen_loop(), name="feed-listen"))
             await self._listening.wait()
@@ -266,6 +271,9 @@ class Feed:
         self._stopping.set()
         self.changed()
         tasks, self._tasks = self._tasks, []
+        pruner, self._pruner = self._pruner, None
+        if pruner is not None:  # never cancelled inside its database write
+            await stop_at_safe_point(pruner, self._stopping, PRUNE_STOP_GRACE)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -530,7 +538,7 @@ class Feed:
 
     async def _prune_loop(self) -> None:
         every = max(1.0, min(PRUNE_EVERY, self.keep / 10))
-        while True:
+        while not self._stopping.is_set():
             try:
                 pruned = await self.prune(datetime.now(UTC))
             except Exception:
@@ -538,7 +546,7 @@ class Feed:
             else:
                 if pruned:
                     log.info("pruned %d changes older than %.0f s", pruned, self.keep)
-            await asyncio.sleep(every)
+            await sleep_unless_stopping(self._stopping, every)
 
     def _notified(self, *_args: object) -> None:
         self.changed()
