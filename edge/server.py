@@ -9,7 +9,8 @@ Handles keep-alive, pipelining (requests are answered strictly in order, one at 
 chunked and Content-Length request bodies, `Expect: 100-continue`, HTTP/1.0 and flow control
 in both directions. Timeouts are enforced by one sweeper task per server, not a timer per
 request: keep-alive idle (from the end of the last response), request head, stalled request
-body, and send (a client that stops reading).
+body, and send (a client that stops reading). The sweeper ticks once a second, so a timeout
+fires between its limit and two seconds later (CLOCK_TICK), never early.
 
 Bounded buffering: reading pauses while a request body is buffered past BODY_HIGH_WATER, and
 while more than `max_header_bytes` of pipelined requests wait behind the one in progress.
@@ -123,6 +124,10 @@ class _Clock:
 
 
 CLOCK = _Clock()
+# How often the sweeper refreshes CLOCK. Connection timestamps are CLOCK.now, so one may be a
+# whole tick older than the event it records: a timeout fires only once the time since a
+# stamp exceeds the limit plus a tick, never before the limit really passed.
+CLOCK_TICK = 1.0
 
 
 _STATUS_LINES = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in REASONS.items()}
@@ -784,6 +789,7 @@ class HttpConnection(asyncio.Protocol):
             and not self.closed
         ):
             self._reading_paused = False
+            self.last_activity = CLOCK.now  # a stalled body counts from when we read again
             self._transport.resume_reading()  # type: ignore[union-attr]
 
     # output ----------------------------------------------------------------------------
@@ -878,6 +884,8 @@ class HttpConnection(asyncio.Protocol):
     def idle_check(
         self, now: float, keepalive: float, head_timeout: float, send_timeout: float
     ) -> None:
+        # Stamps may be a tick old (CLOCK_TICK): compare against `now` a tick earlier.
+        now -= CLOCK_TICK
         if self.closed:
             # close() waits for the transport to flush: a client that never reads must not
             # keep the connection forever.
@@ -955,7 +963,7 @@ class HttpServer:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(CLOCK_TICK)
             CLOCK.refresh()
             now = CLOCK.now
             for conn in list(self.connections):

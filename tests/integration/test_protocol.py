@@ -513,6 +513,25 @@ async def test_large_upload_to_a_slow_origin_is_not_cut_as_stalled(
     assert got == [total]
 
 
+async def test_steady_trickle_upload_is_not_cut_as_stalled(
+    make_origin: OriginFactory, make_edge: EdgeFactory, client_factory: ClientFactory
+) -> None:
+    """A byte every 0.25 s never pauses for the 1 s timeout: the upload is not stalled,
+    although the edge's clock only ticks once a second."""
+    received: list[bytes] = []
+    _origin, edge = await edge_with(
+        make_origin, make_edge, routes=echo_routes(received), top_extra="request_head_timeout = 1"
+    )
+    c = await client_factory(edge.port)
+    await c.send(get("/echo", "Content-Length: 14", method="POST"))
+    for _ in range(14):
+        await asyncio.sleep(0.25)
+        await c.send(b"t")
+    resp = await c.response(timeout=5)
+    assert resp.status == 200 and resp.body.startswith(b"14 ")
+    assert received == [b"t" * 14]
+
+
 async def test_content_length_post_then_pipelined_get(
     make_origin: OriginFactory, make_edge: EdgeFactory, client_factory: ClientFactory
 ) -> None:
