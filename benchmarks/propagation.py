@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import statistics
@@ -34,10 +35,12 @@ from run import (  # benchmarks/ is on sys.path: this file is a script
     OUT,
     BenchError,
     ManagedProcess,
+    cpu_seconds,
     exclusive_out_dir,
     find_cdn,
     free_port,
     reap_stale_groups,
+    self_cpu_seconds,
     wait_until,
 )
 
@@ -48,6 +51,7 @@ SECTION_START = "<!-- propagation: written by benchmarks/propagation.py -->"
 SECTION_END = "<!-- /propagation -->"
 TARGET_P99_MS = 50.0
 OP_TIMEOUT = 5.0
+IDLE_SECONDS = 3.0
 
 
 @dataclass
@@ -106,6 +110,9 @@ class Bench:
         self.account_token = ""
         self.control_port = free_port()
         self.watch: Watch | None = None
+        self.cpu_use: dict[str, float] = {}
+        self.idle_cpu_use: dict[str, float] = {}
+        self.cpu_per_operation: dict[str, float] = {}  # CPU seconds
         self.stop_polling = asyncio.Event()
 
     # --- set-up ---------------------------------------------------------------------------
@@ -244,15 +251,40 @@ token = "{made["token"]}"
                     async with session.get(url, headers={"Host": DOMAIN}) as resp:
                         await resp.read()
 
+    # --- where the CPU goes -----------------------------------------------------------------
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of each kind of process: 2 cores serve them all, so a role's
+        share is what the others queue behind."""
+        roles = {"control": 0.0, "origin": 0.0, "edge supervisors": 0.0, "edge workers": 0.0}
+        for process in self.processes:
+            if process.name in ("control", "origin"):
+                roles[process.name] += cpu_seconds(process.pids())
+            else:
+                pids = process.pids()
+                roles["edge supervisors"] += cpu_seconds([process.pid])
+                roles["edge workers"] += cpu_seconds([p for p in pids if p != process.pid])
+        roles["benchmark (pollers, API calls)"] = self_cpu_seconds()
+        return roles
+
     # --- operations -----------------------------------------------------------------------
     async def run(self) -> list[tuple[str, float]]:
         pollers = [asyncio.create_task(self.poll(edge)) for edge in self.edges]
         results: list[tuple[str, float]] = []
+        before, started = self.cpu_by_role(), time.monotonic()
+        await asyncio.sleep(IDLE_SECONDS)  # what everything costs with nothing to do
+        after, elapsed = self.cpu_by_role(), time.monotonic() - started
+        self.idle_cpu_use = {role: (after[role] - before[role]) / elapsed for role in after}
+        before, started = after, time.monotonic()
         try:
             async with aiohttp.ClientSession() as session:
                 for number in range(self.operations):
                     kind = ("suspend", "resume", "url-purge", "tag-purge")[number % 4]
                     results.append((kind, await self.operation(session, kind, number)))
+            after, elapsed = self.cpu_by_role(), time.monotonic() - started
+            self.cpu_use = {role: (after[role] - before[role]) / elapsed for role in after}
+            self.cpu_per_operation = {
+                role: (after[role] - before[role]) / self.operations for role in after
+            }
         finally:
             self.stop_polling.set()
             for task in pollers:
@@ -329,7 +361,14 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))]
 
 
-def report(results: list[tuple[str, float]], edges: int, results_file: Path) -> str:
+def report(
+    results: list[tuple[str, float]],
+    edges: int,
+    cpu: tuple[dict[str, float], dict[str, float], dict[str, float]],
+    results_file: Path,
+) -> str:
+    """`cpu`: by role, cores busy when idle and while the operations ran, and CPU seconds
+    per operation."""
     latencies = [ms for _kind, ms in results]
     written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
@@ -352,6 +391,23 @@ def report(results: list[tuple[str, float]], edges: int, results_file: Path) -> 
             f"| {name} | {len(values)} | {statistics.median(values):.1f} | "
             f"{percentile(values, 0.99):.1f} | {max(values):.1f} |"
         )
+    idle, busy, per_operation = cpu
+    cores = os.cpu_count() or 1
+    lines += [
+        "",
+        f"CPU ({cores} cores on this machine: what one role uses, the others queue behind): "
+        f"cores busy on average with nothing to do ({IDLE_SECONDS:.0f} s) and while the "
+        "operations ran, and CPU time per operation (polling and refetches included):",
+        "",
+        "| processes | idle cores | operating cores | ms per operation |",
+        "| --- | ---: | ---: | ---: |",
+        *(
+            f"| {role} | {idle[role]:.2f} | {use:.2f} | {per_operation[role] * 1000:.1f} |"
+            for role, use in busy.items()
+        ),
+        f"| all | {sum(idle.values()):.2f} | {sum(busy.values()):.2f} | "
+        f"{sum(per_operation.values()) * 1000:.1f} |",
+    ]
     p99 = percentile(latencies, 0.99)
     verdict = "met" if p99 <= TARGET_P99_MS else "NOT met"
     lines += ["", f"Target p99 <= {TARGET_P99_MS:.0f} ms: {verdict} ({p99:.1f} ms).", SECTION_END]
@@ -375,7 +431,8 @@ async def main_async(args: argparse.Namespace) -> int:
         results = await bench.run()
     finally:
         await bench.stop()
-    print(report(results, args.edges, args.results))
+    cpu = (bench.idle_cpu_use, bench.cpu_use, bench.cpu_per_operation)
+    print(report(results, args.edges, cpu, args.results))
     return 0
 
 

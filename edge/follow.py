@@ -49,6 +49,7 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 CONNECT_TIMEOUT = 5.0
 POST_TIMEOUT = 10.0
+ACK_GATHER = 0.05  # seconds an ack waits for more applied changes to cover
 # A STATE travels to each worker as one control-socket line (edge.worker.CONTROL_LINE_LIMIT).
 MAX_EVENT_BYTES = 2**26
 
@@ -526,6 +527,9 @@ class ControlFollower:
         delay = BACKOFF_FIRST
         while True:
             await self._ack_wanted.wait()
+            # Acks only tell tasks' status: one a moment later covers every change applied
+            # meanwhile, and keeps the ack's work off the moment edges are enforcing a change.
+            await asyncio.sleep(ACK_GATHER)
             self._ack_wanted.clear()
             version = min(self.persisted, self._applied())
             if version <= self.acked:

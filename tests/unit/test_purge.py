@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -303,3 +304,9 @@ async def test_a_flush_starts_the_lead_files_versions_over(tmp_path: Path) -> No
     other.add([ban("prefix", "a.test/", at=2001.0, version=4)], lead=False)
     await other.close()
     assert sorted(b.version for b in other.tiers.bans) == [3, 4]
+
+
+def test_a_ban_round_trips_through_its_json_fields() -> None:
+    ban = Ban(version=7, kind="tag", key="example.test/", tag="t1", time=1700000000.25)
+    assert set(ban.as_json()) == {f.name for f in dataclasses.fields(Ban)}
+    assert Ban(**json.loads(json.dumps(ban.as_json()))) == ban
