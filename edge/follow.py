@@ -50,6 +50,7 @@ BACKOFF_MAX = 5.0
 CONNECT_TIMEOUT = 5.0
 POST_TIMEOUT = 10.0
 ACK_GATHER = 0.05  # seconds an ack waits for more applied changes to cover
+WRITE_GATHER = 0.02  # seconds a save of STATE waits for more edits to cover
 # A STATE travels to each worker as one control-socket line (edge.worker.CONTROL_LINE_LIMIT).
 MAX_EVENT_BYTES = 2**26
 
@@ -506,6 +507,10 @@ class ControlFollower:
         write, not one each. Never cancelled: `stop` lets it save the last version and end."""
         while True:
             await self._dirty.wait()
+            if not self._closing:
+                # One write for what a change brings at once: a purge is added to `unled`,
+                # and leaves it when the lead stored it, a few milliseconds later.
+                await asyncio.sleep(WRITE_GATHER)
             self._dirty.clear()
             if self._edits != self._saved:
                 edits, version = self._edits, self.version
