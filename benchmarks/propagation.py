@@ -190,6 +190,9 @@ edge_id = "{name}"
 [cache]
 disk = 0
 
+[origin]
+deny = []  # the benchmark's origin is on loopback
+
 [control]
 url = "http://{HOST}:{self.control_port}"
 token = "{made["token"]}"

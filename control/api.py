@@ -22,13 +22,13 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.auth import PRINCIPAL, Principal, TokenKind, new_token
-from control.config import Network
 from control.db import write_transaction
 from control.digits import parse_digits
 from control.feed import Feed
 from control.problems import Problem
 from control.schema import api_tokens, audit_log
 from edge.config import InvalidValue, parse_domain
+from edge.netguard import Network
 
 ENGINE = web.AppKey("engine", AsyncEngine)
 OPERATOR_TOKEN = web.AppKey("operator_token", str)

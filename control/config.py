@@ -11,38 +11,20 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import ip_network
 
 from control.db import async_url
 from control.digits import parse_digits
 from edge.config import ConfigError, parse_duration
+from edge.netguard import INTERNAL_NETWORKS, Network
 
 ADMIN_TOKEN_ENV = "CDN_ADMIN_TOKEN"
 SECRET_KEY_ENV = "CDN_SECRET_KEY"
 
-Network = IPv4Network | IPv6Network
-
 # Origins at these addresses are refused: edges would fetch from their own host or network for
 # anyone who adds a domain (loopback, link-local with the cloud metadata service, unspecified,
 # multicast, RFC 1918, unique local, carrier-grade NAT).
-ORIGIN_DENY: tuple[Network, ...] = tuple(
-    ip_network(cidr)
-    for cidr in (
-        "127.0.0.0/8",
-        "::1/128",
-        "169.254.0.0/16",
-        "fe80::/10",
-        "0.0.0.0/8",
-        "::/128",
-        "224.0.0.0/4",
-        "ff00::/8",
-        "10.0.0.0/8",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "fc00::/7",
-        "100.64.0.0/10",
-    )
-)
+ORIGIN_DENY: tuple[Network, ...] = INTERNAL_NETWORKS
 
 _KEYS = (
     "listen",

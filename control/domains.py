@@ -16,11 +16,8 @@ its account: adding it again would only make it wait again.
 
 from __future__ import annotations
 
-import socket
 from datetime import datetime
-from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from sqlalchemy import Row, delete, insert, select, update
@@ -42,7 +39,6 @@ from control.api import (
     writing,
 )
 from control.auth import Principal
-from control.config import Network
 from control.feed import publish
 from control.models import DomainList, DomainOut, DomainSettings, NewDomain, StateChange
 from control.problems import Problem
@@ -50,12 +46,12 @@ from control.rating import Package, may_serve
 from control.scheduler import CLOCK
 from control.schema import account_billing, accounts, domains, iso, packages
 from edge.config import DomainConfig, InvalidValue, QueryPolicy, parse_domain
+from edge.netguard import Network, deny_reason
 
 ACCOUNT_SUSPENDED = "account suspended: "
 AWAITING_PREPAYMENT = "awaiting prepayment: "
 """Prefix of the reason of a prepaid account's domains held until it may serve (4.1)."""
 AWAITING_REASON = AWAITING_PREPAYMENT + "add balance or a package"
-_LOOPBACK = (IPv4Address("127.0.0.1"), IPv6Address("::1"))
 
 routes = RouteTable()
 
@@ -105,44 +101,6 @@ def validated(table: dict[str, Any], deny: tuple[Network, ...]) -> DomainConfig:
     if errors:
         raise invalid(errors)
     return parsed
-
-
-def deny_reason(origin: str, deny: tuple[Network, ...]) -> str:
-    """Why `origin` (a domain's origin, or a webhook URL) must not be fetched (SSRF: an account
-    would make every edge, or the control plane, request its own host or network); "" if it may.
-    Only address literals and loopback names are checked: what a name resolves to can change
-    after this check."""
-    host = urlsplit(origin).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
-        return f"{host} is a loopback name (origin_deny)" if _in(_LOOPBACK, deny) else ""
-    address = _address(host)
-    if address is None:
-        return ""
-    return f"{host} is in a denied range (origin_deny)" if address_denied(address, deny) else ""
-
-
-def address_denied(address: IPv4Address | IPv6Address, deny: tuple[Network, ...]) -> bool:
-    """Whether `address`, or the IPv4 address an IPv4-mapped IPv6 one stands for, is in `deny`."""
-    seen: tuple[IPv4Address | IPv6Address, ...] = (address,)
-    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        seen += (address.ipv4_mapped,)
-    return _in(seen, deny)
-
-
-def _address(host: str) -> IPv4Address | IPv6Address | None:
-    """The address `host` spells, also in the forms the resolver reads as IPv4 ('0x7f.1')."""
-    try:
-        return ip_address(host)
-    except ValueError:
-        pass
-    try:
-        return IPv4Address(socket.inet_aton(host))
-    except OSError:
-        return None
-
-
-def _in(addresses: tuple[IPv4Address | IPv6Address, ...], deny: tuple[Network, ...]) -> bool:
-    return any(address in network for address in addresses for network in deny)
 
 
 def change_payload(row: Row[Any]) -> dict[str, Any]:

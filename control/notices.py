@@ -14,17 +14,13 @@ import hmac
 import json
 import logging
 import secrets
-import socket
 import weakref
 from datetime import UTC, datetime, timedelta
-from ipaddress import ip_address
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from cryptography.fernet import Fernet, InvalidToken
 from pydantic import Field, field_validator
 from sqlalchemy import Row, Select, delete, func, insert, select, update
@@ -52,12 +48,11 @@ from control.api import (
     writing,
 )
 from control.background import stop_at_safe_point
-from control.config import Network
 from control.db import write_transaction
-from control.domains import address_denied, deny_reason
 from control.models import Body, Out, Url
 from control.problems import Problem
 from control.schema import account_webhooks, iso, notices, webhook_deliveries
+from edge.netguard import DenyingResolver, Network, deny_reason
 
 log = logging.getLogger("control.notices")
 
@@ -149,34 +144,6 @@ def _one_line(text: str, limit: int = 300) -> str:
     return " ".join(text.split())[:limit]
 
 
-def _blocked(address: str, deny: tuple[Network, ...]) -> bool:
-    return address_denied(ip_address(address.partition("%")[0]), deny)
-
-
-class _DenyingResolver(AbstractResolver):
-    """Resolves names, dropping addresses in `origin_deny`: the connection uses what is checked,
-    so a name cannot be re-pointed at the control plane's own network after the check."""
-
-    def __init__(self, deny: tuple[Network, ...]) -> None:
-        self._inner = DefaultResolver()
-        self._deny = deny
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        allowed = [
-            r
-            for r in await self._inner.resolve(host, port, family)
-            if not _blocked(r["host"], self._deny)
-        ]
-        if not allowed:
-            raise OSError(f"{host} resolves only to addresses in origin_deny")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 class Deliverer:
     """POSTs queued notices to webhooks: the app's background task.
 
@@ -219,7 +186,7 @@ class Deliverer:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=_DenyingResolver(self.deny)),
+            connector=aiohttp.TCPConnector(resolver=DenyingResolver(self.deny)),
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=self.TIMEOUT),
         )

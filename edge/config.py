@@ -21,6 +21,8 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
 
+from edge.netguard import INTERNAL_NETWORKS, Network
+
 __all__ = [
     "CacheRule",
     "CacheSettings",
@@ -117,6 +119,10 @@ class OriginSettings:
     first_byte_timeout: float = 30.0
     idle_read_timeout: float = 30.0
     max_connections: int = 512  # for the whole pool; per host it is unlimited
+    # Addresses never connected to, whatever a domain's origin names (edge.netguard). Default:
+    # none for a standalone edge (its operator wrote the origins), the internal networks for
+    # an edge attached to a control plane (its customers did).
+    deny: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +301,13 @@ _EDGE_KEYS = (
     "usage_keep_batches",
 )
 _CACHE_KEYS = ("memory", "memory_max_object", "disk", "max_object", "slice")
-_ORIGIN_KEYS = ("connect_timeout", "first_byte_timeout", "idle_read_timeout", "max_connections")
+_ORIGIN_KEYS = (
+    "connect_timeout",
+    "first_byte_timeout",
+    "idle_read_timeout",
+    "max_connections",
+    "deny",
+)
 _CONTROL_KEYS = ("url", "token", "read_timeout", "start_timeout")
 TOKEN_ENV = "CDN_EDGE_TOKEN"
 _DOMAIN_KEYS = ("name", "origins", "origin_host", "rules", "query")
@@ -331,8 +343,8 @@ def _parse_document(document: dict[str, object], source: str) -> EdgeConfig:
     _check_keys(document, "", _TOP_KEYS)
     edge = _parse_edge(_table(document, "edge", ""))
     cache = _parse_cache(_table(document, "cache", ""))
-    origin = _parse_origin(_table(document, "origin", ""))
     control = _parse_control(_table(document, "control", "")) if "control" in document else None
+    origin = _parse_origin(_table(document, "origin", ""), attached=control is not None)
 
     entries = document.get("domains", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -428,9 +440,15 @@ def _parse_cache(table: dict[str, object]) -> CacheSettings:
     )
 
 
-def _parse_origin(table: dict[str, object]) -> OriginSettings:
+def _parse_origin(table: dict[str, object], *, attached: bool) -> OriginSettings:
     _check_keys(table, "origin", _ORIGIN_KEYS)
     defaults = OriginSettings()
+    deny = INTERNAL_NETWORKS if attached else defaults.deny
+    if "deny" in table:
+        deny = tuple(
+            _network(cidr, f"origin.deny[{index}]")
+            for index, cidr in enumerate(_string_list(table, "deny", "origin"))
+        )
     return OriginSettings(
         connect_timeout=_seconds(table, "connect_timeout", "origin", defaults.connect_timeout),
         first_byte_timeout=_seconds(
@@ -442,7 +460,15 @@ def _parse_origin(table: dict[str, object]) -> OriginSettings:
         max_connections=_integer(
             table, "max_connections", "origin", defaults.max_connections, minimum=1
         ),
+        deny=deny,
     )
+
+
+def _network(cidr: str, key: str) -> Network:
+    try:
+        return ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise InvalidValue(key, f"{cidr!r} is not an address or network (CIDR)") from None
 
 
 def _parse_control(table: dict[str, object]) -> ControlSettings:

@@ -125,6 +125,8 @@ def _attached_config(config: EdgeConfig, control_url: str) -> Path:
     lines = [
         "# Written by `cdn up` from " + config.source + "; domains come from the control plane."
     ]
+    # The demo's origin is on loopback, which an attached edge refuses by default.
+    document.setdefault("origin", {}).setdefault("deny", [])
     for section in ("edge", "cache", "origin"):
         if section in document:
             lines.append(f"[{section}]")

@@ -4,6 +4,7 @@ Set up against the traps in LIBRARIES.md: no total timeout (large bodies), no re
 no cookie jar (one user's Set-Cookie must never reach another's request), no automatic
 Accept-Encoding or User-Agent, no decompression, and the request-target passed byte for byte
 (`yarl.URL(..., encoded=True)`). Origins of a domain are tried in order on connect failure.
+Origins at addresses in `[origin] deny` are never connected to (edge.netguard): 502.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from edge.config import DomainConfig, OriginSettings
+from edge.netguard import DenyingResolver, deny_reason
 
 # RFC 9110 9.2.2; aiohttp itself retries these once when a connection drops unanswered.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+DENY_CACHE_SIZE = 4096
 
 
 class OriginError(Exception):
@@ -39,6 +42,9 @@ class OriginClient:
     def __init__(self, settings: OriginSettings) -> None:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
+        # origin -> why it is denied ("" if it is not), for address literals, which aiohttp
+        # connects to without asking the resolver. Bounded: domains change, origins pile up.
+        self._denied: dict[str, str] = {}
 
     async def start(self) -> None:
         s = self._settings
@@ -47,6 +53,7 @@ class OriginClient:
             limit_per_host=0,
             ttl_dns_cache=60,
             enable_cleanup_closed=True,
+            resolver=DenyingResolver(s.deny) if s.deny else None,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -89,6 +96,9 @@ class OriginClient:
         # takes; with a body, the idle read timeout (sock_read) bounds the wait instead.
         first_byte = self._settings.first_byte_timeout if body is None else None
         for origin in domain.origins:
+            if self._settings.deny and (denied := self._deny_reason(origin)):
+                last = OriginError(502, "origin address denied", denied)
+                continue
             url = URL(origin + path, encoded=True)
             try:
                 async with asyncio.timeout(first_byte):
@@ -124,3 +134,11 @@ class OriginClient:
                 break
         assert last is not None
         raise last
+
+    def _deny_reason(self, origin: str) -> str:
+        reason = self._denied.get(origin)
+        if reason is None:
+            if len(self._denied) >= DENY_CACHE_SIZE:
+                self._denied.clear()
+            reason = self._denied[origin] = deny_reason(origin, self._settings.deny)
+        return reason

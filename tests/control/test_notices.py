@@ -17,9 +17,10 @@ import pytest
 from aiohttp import web
 
 from control.config import ORIGIN_DENY, parse_config
-from control.notices import DELIVERIES, NOTICE_KINDS, _DenyingResolver, notify
+from control.notices import DELIVERIES, NOTICE_KINDS, notify
 from control.schema import account_webhooks, audit_log
 from edge.config import ConfigError
+from edge.netguard import DenyingResolver
 from tests.control.conftest import Api
 
 SECRET_KEY = "test-secret-key-0123456789abcdefghijklmnop"
@@ -348,7 +349,7 @@ async def test_webhooks_at_denied_addresses_are_refused(api: Api, url: str) -> N
 
 
 async def test_names_resolving_only_to_denied_addresses_are_not_connected_to() -> None:
-    resolver = _DenyingResolver(ORIGIN_DENY)
+    resolver = DenyingResolver(ORIGIN_DENY)
     try:
         with pytest.raises(OSError, match="origin_deny"):
             await resolver.resolve("localhost", 80)

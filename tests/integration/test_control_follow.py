@@ -483,6 +483,9 @@ admin_listen = "127.0.0.1:{self.admin_port}"
 workers = {self.workers}
 state_dir = "{self.state}"
 
+[origin]
+deny = []  # the test's origin is on loopback
+
 [control]
 url = "{self.control_url}"
 token = "{self.token}"

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.integration.conftest import HOST
 from tests.integration.edgetest import (
@@ -199,8 +200,6 @@ async def test_pass_garbage_is_502(make_edge) -> None:
 
 
 async def test_slow_upload_is_not_cut_by_the_first_byte_timeout(make_origin, make_edge) -> None:
-    from aiohttp import web
-
     async def echo(req: web.Request) -> web.Response:
         return web.Response(body=await req.read())
 
@@ -226,3 +225,31 @@ async def test_origin_hangs_after_an_upload(make_edge) -> None:
         )
         assert resp.status == 504 and time.monotonic() - started < 2.0
         assert b"Traceback" not in resp.body
+
+
+async def _hello(request: web.Request) -> web.Response:
+    return web.Response(text="hello", headers={"Cache-Control": "max-age=60"})
+
+
+async def test_an_origin_in_origin_deny_is_never_connected_to(make_edge, make_origin) -> None:
+    """SSRF: whether the origin is an address literal, a loopback name or a name that only
+    resolves to a denied address, the edge answers 502 without connecting."""
+    origin = await make_origin({"/x": _hello})
+    port = origin.server.port
+    deny = '[origin]\ndeny = ["127.0.0.0/8", "::1/128"]\n' + TIMEOUTS.removeprefix("[origin]\n")
+    for url in (origin.url, f"http://localhost:{port}", f"http://0x7f.1:{port}"):
+        edge = await make_edge([url], top_extra=deny)
+        for method in ("GET", "POST"):
+            resp = await get(edge, "/x", method=method)
+            assert resp.status == 502, url
+            assert 0 < len(resp.body) < 100 and b"Traceback" not in resp.body
+    assert origin.hits == {}
+
+
+async def test_a_denied_origin_fails_over_to_an_allowed_one(make_edge, make_origin) -> None:
+    origin = await make_origin({"/x": _hello})
+    denied = f"http://127.0.0.2:{origin.server.port}"
+    edge = await make_edge([denied, origin.url], top_extra='[origin]\ndeny = ["127.0.0.2/32"]\n')
+    resp = await get(edge, "/x")
+    assert resp.status == 200 and resp.body == b"hello"
+    assert origin.hits == {"/x": 1}

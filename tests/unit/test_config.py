@@ -25,6 +25,7 @@ from edge.config import (
     parse_duration,
     parse_size,
 )
+from edge.netguard import INTERNAL_NETWORKS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -288,7 +289,7 @@ def test_config_error_parts_and_single_line() -> None:
         (
             "[origin]\nretries = 1\n" + MINIMAL_DOMAIN,
             "cfg.toml: origin.retries: unknown key (expected one of connect_timeout, "
-            "first_byte_timeout, idle_read_timeout, max_connections)",
+            "first_byte_timeout, idle_read_timeout, max_connections, deny)",
         ),
         (
             MINIMAL_DOMAIN + "origin = 'x'\n",
@@ -1014,3 +1015,18 @@ def test_example_config_documents_control() -> None:
     documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, re.MULTILINE))
     assert {f.name for f in dataclasses.fields(ControlSettings)} <= documented
     assert "CDN_EDGE_TOKEN" in text
+
+
+def test_origin_deny_defaults_to_none_standalone_and_to_internal_networks_attached() -> None:
+    assert parse_config(MINIMAL_DOMAIN, "cfg.toml").origin.deny == ()
+    attached = '[control]\nurl = "http://127.0.0.1:9000"\ntoken = "t"\n'
+    assert parse_config(attached, "cfg.toml").origin.deny == INTERNAL_NETWORKS
+    chosen = parse_config('[origin]\ndeny = ["10.1.0.0/16", "fd00::1"]\n' + attached, "cfg.toml")
+    assert [str(n) for n in chosen.origin.deny] == ["10.1.0.0/16", "fd00::1/128"]
+    assert parse_config("[origin]\ndeny = []\n" + attached, "cfg.toml").origin.deny == ()
+
+
+def test_origin_deny_names_the_bad_entry() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config('[origin]\ndeny = ["10.0.0.0/8", "ten"]\n' + MINIMAL_DOMAIN, "cfg.toml")
+    assert str(e.value) == "cfg.toml: origin.deny[1]: 'ten' is not an address or network (CIDR)"
