@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import datetime as dt
 import fcntl
+import hashlib
 import http.client
 import importlib.metadata
 import ipaddress
@@ -60,6 +61,11 @@ SHIM_SCRIPT = HERE / "counting_shim.py"
 
 HOST = "127.0.0.1"  # every listener and every request: loopback only, never another address
 DOMAIN = "bench.cdn.test"
+# Issue 7: the same origin behind a second edge domain with a signed-URL (type A), a referer and
+# an IP rule all on; `small-hit-rules` compares its hits with `small-hit` (target: < 5 % cost).
+RULES_DOMAIN = "rules.bench.cdn.test"
+RULES_KEY = "bench-signing-key"
+RULES_REFERER = "https://www.bench.example/page"
 CACHE_MEMORY = "512MiB"  # edge memory tier; nginx's max_size below is the same budget
 # An edge with a disk tier gets `disk` and its own defaults for the rest of [cache]
 # (max_object, memory_max_object, slice): what an operator gets. One without gets max_object,
@@ -692,6 +698,22 @@ def edge_cache_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(CacheSettings)}
 
 
+def edge_has_access_rules() -> bool:
+    """Whether the edge in this tree has access rules (issue 7)."""
+    try:
+        from edge.config import DomainConfig
+    except ImportError:
+        return False
+    return "access" in {f.name for f in dataclasses.fields(DomainConfig)}
+
+
+def signed_path(path: str) -> str:
+    """`path` signed for RULES_DOMAIN (type A, valid for a day from now)."""
+    ts = int(time.time())
+    digest = hashlib.md5(f"{path}-{ts}-0-0-{RULES_KEY}".encode()).hexdigest()
+    return f"{path}?auth_key={ts}-0-0-{digest}"
+
+
 class EdgeProxy(Proxy):
     name = "edge"
     hit_header = "Cache-Status"
@@ -722,6 +744,19 @@ class EdgeProxy(Proxy):
             "\n[[domains]]\n"
             f'name = "{DOMAIN}"\n'
             f'origins = ["http://{HOST}:{self.ctx.shim_port}"]\n'
+            + (
+                "\n[[domains]]\n"
+                f'name = "{RULES_DOMAIN}"\n'
+                f'origins = ["http://{HOST}:{self.ctx.shim_port}"]\n'
+                "[domains.access.signed_url]\n"
+                f'type = "A"\nkey = "{RULES_KEY}"\nttl = "1d"\n'
+                "[domains.access.referer]\n"
+                'allow = ["www.bench.example", "*.bench.example"]\n'
+                "[domains.access.ip]\n"
+                f'allow = ["{HOST}/8"]\n'
+                if edge_has_access_rules()
+                else ""
+            )
         )
 
     def _start_once(self) -> None:
@@ -1025,13 +1060,14 @@ def run_wrk(
     headers: Sequence[str] = (),
     timeout: str | None = None,
     script: Path | None = None,
+    host: str = DOMAIN,
 ) -> tuple[WrkResult, str]:
     argv = [ctx.wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if timeout:
         argv.append(f"--timeout={timeout}")
     if script:
         argv += ["-s", _rel(script)]
-    for h in (f"Host: {DOMAIN}", *headers):
+    for h in (f"Host: {host}", *headers):
         argv += ["-H", h]
     argv.append(proxy.url(path))
     done = subprocess.run(
@@ -1211,6 +1247,10 @@ class Scenario(abc.ABC):
     metrics: tuple[Metric, ...]  # the summary table
     details: tuple[Metric, ...]  # the per-run table in RESULTS.md
 
+    def applies(self, proxy: Proxy) -> bool:
+        """Whether the scenario runs against `proxy` (a feature only it has: not otherwise)."""
+        return True
+
     @abc.abstractmethod
     def prepare(self, ctx: Context, proxy: Proxy) -> None:
         """Bring the proxy into the scenario's starting state (for example: warm its cache)."""
@@ -1224,11 +1264,18 @@ class Scenario(abc.ABC):
         return self.description
 
 
-def warm_until_hit(proxy: Proxy, path: str, size: int, attempts: int = 10) -> None:
+def warm_until_hit(
+    proxy: Proxy,
+    path: str,
+    size: int,
+    attempts: int = 10,
+    host: str = DOMAIN,
+    headers: dict[str, str] | None = None,
+) -> None:
     last = "no response"
     for _ in range(attempts):
         try:
-            r = http_get(proxy.port, path)
+            r = http_get(proxy.port, path, host=host, headers=headers)
         except (OSError, http.client.HTTPException) as e:
             ensure_running(proxy)
             last = f"{type(e).__name__}: {e}"
@@ -1328,6 +1375,48 @@ class WrkScenario(Scenario):
             + (f"--timeout {self.timeout} " if self.timeout else "")
             + f"-H 'Host: {DOMAIN}' {self.path}`"
         )
+
+
+@dataclass(frozen=True)
+class RulesHitScenario(WrkScenario):
+    """`small-hit` on RULES_DOMAIN: every request passes a signed-URL, a referer and an IP
+    check before its hit. Edge only (the other proxies have no such rules)."""
+
+    def applies(self, proxy: Proxy) -> bool:
+        return isinstance(proxy, EdgeProxy) and edge_has_access_rules()
+
+    def _wrk(self, ctx: Context, proxy: Proxy, seconds: int) -> tuple[WrkResult, str]:
+        return run_wrk(
+            ctx, proxy, self.path, self.threads, self.connections, seconds,
+            (f"Referer: {RULES_REFERER}",), self.timeout, self.script(), host=RULES_DOMAIN,
+        )  # fmt: skip
+
+    def warm(self, proxy: Proxy) -> None:
+        warm_until_hit(
+            proxy, self.path, self.size, host=RULES_DOMAIN, headers={"Referer": RULES_REFERER}
+        )
+
+    def setup(self) -> str:
+        return (
+            f"{self.description}: `wrk -t{self.threads} -c{self.connections} -d<N>s --latency "
+            f"-H 'Host: {RULES_DOMAIN}' -H 'Referer: {RULES_REFERER}' {self.path}` (edge only)"
+        )
+
+
+def rules_cost(results: list[ScenarioResult]) -> str | None:
+    """Issue 7's figure: edge small-hit-rules against small-hit requests/s, as one line."""
+    by_name = {r.scenario.name: r for r in results}
+    plain, ruled = by_name.get("small-hit"), by_name.get("small-hit-rules")
+    if plain is None or ruled is None:
+        return None
+    base, with_rules = plain.median("edge", "rps"), ruled.median("edge", "rps")
+    if not base or with_rules is None:
+        return None
+    return (
+        f"access rules (signed URL + referer + IP) on edge small hits: {with_rules:.0f} vs "
+        f"{base:.0f} requests/s, ratio {with_rules / base:.3f}, cost "
+        f"{(1 - with_rules / base) * 100:.1f} % (issue 7 target: under 5 %)"
+    )
 
 
 RANGE_SCRIPT = OUT / "range-hit.lua"
@@ -1877,6 +1966,17 @@ SCENARIOS: list[Scenario] = [
         size=GiB,
         clients=8,
     ),
+    RulesHitScenario(
+        name="small-hit-rules",
+        description=(
+            f"cache hit on a {LOGO.size}-byte image, signed URL + referer + IP rules on"
+        ),
+        path=signed_path(LOGO.path),
+        size=LOGO.size,
+        threads=2,
+        connections=64,
+        metrics=(RPS, P99, CPU_PER_REQ),
+    ),
 ]
 
 
@@ -1889,6 +1989,7 @@ class ScenarioResult:
     scenario: Scenario
     samples: dict[str, list[Sample]]
     errors: dict[str, str] = field(default_factory=dict)  # proxy -> why it has no result
+    skipped: set[str] = field(default_factory=set)  # proxies the scenario does not apply to
     remeasured: int = 0  # runs measured again because the machine was busy
 
     def values(self, proxy: str, key: str) -> list[float]:
@@ -2587,6 +2688,9 @@ def run(args: argparse.Namespace, command: str, stack: list[Origin | Proxy]) -> 
         results.append(res)
         print(f"bench: {sc.name}: {sc.description}", flush=True)
         for proxy in proxies:
+            if not sc.applies(proxy):
+                res.skipped.add(proxy.name)
+                continue
             try:
                 sc.prepare(ctx, proxy)
             except ScenarioError as e:
@@ -2595,7 +2699,7 @@ def run(args: argparse.Namespace, command: str, stack: list[Origin | Proxy]) -> 
             ensure_running(proxy)
         for rep in range(1, args.reps + 1):
             for proxy in proxies:
-                if proxy.name in res.errors:
+                if proxy.name in res.errors or proxy.name in res.skipped:
                     continue
                 try:
                     s = measure_when_idle(ctx, sc, proxy, res)
@@ -2618,6 +2722,9 @@ def run(args: argparse.Namespace, command: str, stack: list[Origin | Proxy]) -> 
                 )
 
     names = [p.name for p in proxies]
+    cost = rules_cost(results)
+    if cost is not None:
+        ctx.note(cost)
     elapsed = time.monotonic() - t_start
     print()
     for n in ctx.notes:

@@ -45,7 +45,7 @@ from control.problems import Problem
 from control.rating import Package, may_serve
 from control.scheduler import CLOCK
 from control.schema import account_billing, accounts, domains, iso, packages
-from edge.config import DomainConfig, InvalidValue, QueryPolicy, parse_domain
+from edge.config import DomainConfig, InvalidValue, QueryPolicy, access_table, parse_domain
 from edge.netguard import Network, deny_reason
 
 ACCOUNT_SUSPENDED = "account suspended: "
@@ -82,7 +82,18 @@ def domain_config(parsed: DomainConfig) -> dict[str, Any]:
         if parsed.query.params:
             query["params"] = list(parsed.query.params)
         config["query"] = query
+    if parsed.access is not None:
+        config["access"] = access_table(parsed.access)
     return config
+
+
+def audited(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` as the audit log keeps it: signing keys are secrets, never written there."""
+    signed = config.get("access", {}).get("signed_url")
+    if signed is None:
+        return config
+    hidden = {k: "(hidden)" if k in ("key", "secondary_key") else v for k, v in signed.items()}
+    return {**config, "access": {**config["access"], "signed_url": hidden}}
 
 
 def validated(table: dict[str, Any], deny: tuple[Network, ...]) -> DomainConfig:
@@ -267,7 +278,10 @@ async def create_domain(request: web.Request, body: NewDomain) -> web.StreamResp
             )
             row = await _reload(conn, parsed.name)
             await publish(conn, "domain.upsert", {"domain": change_payload(row)})
-            await audit(conn, principal, account_id, "domain.create", row.name, {"config": config})
+            await audit(
+                conn, principal, account_id, "domain.create", row.name,
+                {"config": audited(config)},
+            )
     except IntegrityError:  # registered by a concurrent request since the check
         raise Problem(409, f"domain {parsed.name!r} is already registered") from None
     response = web.json_response(view(row, request.app[CNAME_SUFFIX]), status=201)
@@ -312,7 +326,9 @@ async def update_domain(request: web.Request, body: DomainSettings) -> web.Strea
         )
         row = await _reload(conn, name)
         await publish(conn, "domain.upsert", {"domain": change_payload(row)})
-        await audit(conn, principal, row.account_id, "domain.update", name, {"config": config})
+        await audit(
+            conn, principal, row.account_id, "domain.update", name, {"config": audited(config)}
+        )
     return web.json_response(view(row, request.app[CNAME_SUFFIX]))
 
 

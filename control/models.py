@@ -7,6 +7,7 @@ the caller own this domain?) or the edge's own parser (is this origin valid?) ar
 
 from __future__ import annotations
 
+import json
 import zoneinfo
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ MAX_RULES = 100  # per domain
 MAX_RULE_VALUES = 100  # suffixes, prefixes or paths per rule
 MAX_QUERY_PARAMS = 100
 MAX_STRING = 1024  # rule values, origin URLs, origin_host, query parameter names
+MAX_ACCESS_BYTES = 65536  # a domain's access rules as JSON (IP lists can be long)
 
 Reason = Annotated[str, Field(min_length=1, max_length=1000)]
 Label = Annotated[str, Field(max_length=200)]
@@ -122,6 +124,21 @@ class DomainSettings(Body):
     origin_host: Text | None = None
     rules: Annotated[list[CacheRuleBody], Field(max_length=MAX_RULES)] | None = None
     query: QueryBody | None = None
+    access: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "access rules: the edge's [domains.access] table (signed_url, referer, ip, "
+            "user_agent, rate_limit, speed_limits; README.md 'Access rules'), checked by the "
+            f"edge's parser; at most {MAX_ACCESS_BYTES} bytes as JSON"
+        ),
+    )
+
+    @field_validator("access")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value)) > MAX_ACCESS_BYTES:
+            raise ValueError(f"more than {MAX_ACCESS_BYTES} bytes as JSON")
+        return value
 
 
 class NewDomain(DomainSettings):
@@ -228,6 +245,7 @@ class DomainOut(Out):
     origin_host: str | None = None
     rules: list[CacheRuleBody] | None = None
     query: QueryBody | None = None
+    access: dict[str, Any] | None = None
     state: State
     reason: str
     cname: str

@@ -1,7 +1,9 @@
 """Cache keys: which requests share a stored response (the *lookup* step's first half).
 
-key = domain + normalised path + the query parameters the domain's query policy keeps. The
-origin still gets the path and query as the client sent them; only the key is normalised.
+key = domain + normalised path + the query parameters the domain's query policy keeps, never
+those of a signed URL's signature (`edge.signing`: every signature of one object shares its
+stored copy; a signed path's prefix is taken off by the admit step). The origin still gets the
+path and query as the client sent them; only the key is normalised.
 Vary (RFC 9111 4.1) is the second half of the key and lives with the stored variants
 (`edge.store`).
 """
@@ -57,5 +59,10 @@ def key_query(policy: QueryPolicy, query: str) -> str:
 
 
 def cache_key(domain: DomainConfig, path: str, query: str) -> str:
+    access = domain.access
+    if query and access is not None and access.signed_url is not None:
+        signature = access.signed_url.query_params
+        if signature:
+            query = "&".join(p for p in query.split("&") if _param_name(p) not in signature)
     kept = key_query(domain.query, query)
     return f"{domain.name}{path}?{kept}" if kept else f"{domain.name}{path}"

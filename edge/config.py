@@ -15,13 +15,17 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from edge.access import AccessRules, IpRule, IpSet, RefererRule, UserAgentRule
+from edge.access import referer_pattern_problem as _referer_pattern_problem
 from edge.netguard import INTERNAL_NETWORKS, Network
+from edge.ratelimit import RateLimit, SpeedLimit
+from edge.signing import DEFAULT_TTL, KINDS, SignedUrl
 
 __all__ = [
     "CacheRule",
@@ -33,6 +37,7 @@ __all__ = [
     "EdgeSettings",
     "OriginSettings",
     "QueryPolicy",
+    "access_table",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -102,6 +107,7 @@ class DomainConfig:
     origin_host: str | None = None  # Host header sent to the origin; None: the client's Host
     rules: tuple[CacheRule, ...] = ()  # first match wins
     query: QueryPolicy = QueryPolicy()
+    access: AccessRules | None = None  # None: no access rules (the hit path's only check)
 
     def rule_for(self, path: str) -> CacheRule | None:
         """The first rule matching `path`, or None."""
@@ -165,6 +171,9 @@ class EdgeSettings:
     # deleted (counted: cdn_edge_usage_dropped_batches_total). One batch per 5-minute window
     # at least: the default keeps about 31 days. With [control] nothing is deleted unshipped.
     usage_keep_batches: int = 8928
+    # Proxies (CIDR) whose X-Forwarded-For is believed: the client address is then the
+    # right-most untrusted entry (edge.access.client_ip). None: always the socket peer.
+    trusted_proxies: IpSet | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +308,7 @@ _EDGE_KEYS = (
     "send_timeout",
     "edge_id",
     "usage_keep_batches",
+    "trusted_proxies",
 )
 _CACHE_KEYS = ("memory", "memory_max_object", "disk", "max_object", "slice")
 _ORIGIN_KEYS = (
@@ -310,7 +320,7 @@ _ORIGIN_KEYS = (
 )
 _CONTROL_KEYS = ("url", "token", "read_timeout", "start_timeout")
 TOKEN_ENV = "CDN_EDGE_TOKEN"
-_DOMAIN_KEYS = ("name", "origins", "origin_host", "rules", "query")
+_DOMAIN_KEYS = ("name", "origins", "origin_host", "rules", "query", "access")
 _RULE_KINDS: tuple[Literal["suffix", "prefix", "path"], ...] = ("suffix", "prefix", "path")
 _RULE_KEYS = (*_RULE_KINDS, "ttl", "respect_origin", "slice")
 _QUERY_KEYS = ("mode", "params")
@@ -408,6 +418,9 @@ def _parse_edge(table: dict[str, object]) -> EdgeSettings:
         edge_id=edge_id,
         usage_keep_batches=_integer(
             table, "usage_keep_batches", "edge", defaults.usage_keep_batches, minimum=1
+        ),
+        trusted_proxies=(
+            _ip_set(table, "trusted_proxies", "edge") if "trusted_proxies" in table else None
         ),
     )
 
@@ -535,8 +548,13 @@ def parse_domain(table: dict[str, object], prefix: str) -> DomainConfig:
     if "query" in table:
         query = _parse_query(_table(table, "query", prefix), f"{prefix}.query")
 
+    access = None
+    if "access" in table:
+        access = _parse_access(_table(table, "access", prefix), f"{prefix}.access")
+
     return DomainConfig(
-        name=name, origins=origins, origin_host=origin_host, rules=rules, query=query
+        name=name, origins=origins, origin_host=origin_host, rules=rules, query=query,
+        access=access,
     )
 
 
@@ -607,6 +625,258 @@ def _parse_query(table: dict[str, object], prefix: str) -> QueryPolicy:
                 f"{prefix}.params[{index}]", f"{param!r} is not a query parameter name"
             )
     return QueryPolicy(mode=mode, params=params)
+
+
+# --- access rules (issue 7; the rules themselves are edge.access, edge.signing, edge.ratelimit) --
+
+_ACCESS_KEYS = ("signed_url", "referer", "ip", "user_agent", "rate_limit", "speed_limits")
+_SIGNED_KEYS = (
+    "type", "key", "secondary_key", "ttl", "param", "time_param", "form", "time_format"
+)
+# Per type: the parameter names it uses, with their defaults.
+_SIGNED_PARAMS = {"A": {"param": "auth_key"}, "C": {"param": "sign", "time_param": "t"},
+                  "D": {"param": "sign", "time_param": "t"}}
+_LIST_KEYS = ("allow", "deny")
+_SPEED_KEYS = (*_RULE_KINDS, "rate", "after")
+_PARAM_NAME = re.compile(r"[A-Za-z0-9_.~-]{1,64}")
+_Rule = TypeVar("_Rule")
+
+
+def _parse_access(table: dict[str, object], prefix: str) -> AccessRules | None:
+    """The `access` table of a domain; None when it sets no rule at all."""
+    _check_keys(table, prefix, _ACCESS_KEYS)
+
+    def sub(name: str, parse: Callable[[dict[str, object], str], _Rule]) -> _Rule | None:
+        if name not in table:
+            return None
+        return parse(_table(table, name, prefix), f"{prefix}.{name}")
+
+    raw_speed = table.get("speed_limits", [])
+    if not isinstance(raw_speed, list) or not all(isinstance(r, dict) for r in raw_speed):
+        raise InvalidValue(
+            f"{prefix}.speed_limits",
+            f"expected an array of tables ([[...speed_limits]]), got {_type_name(raw_speed)}",
+        )
+    rules = AccessRules(
+        signed_url=sub("signed_url", _parse_signed),
+        referer=sub("referer", _parse_referer),
+        ip=sub("ip", _parse_ip_rule),
+        user_agent=sub("user_agent", _parse_user_agent),
+        rate_limit=sub("rate_limit", _parse_rate_limit),
+        speed_limits=tuple(
+            _parse_speed_limit(item, f"{prefix}.speed_limits[{index}]")
+            for index, item in enumerate(raw_speed)
+        ),
+    )
+    return None if rules == AccessRules() else rules
+
+
+def _parse_referer(table: dict[str, object], prefix: str) -> RefererRule:
+    _check_keys(table, prefix, (*_LIST_KEYS, "allow_empty"))
+    mode, patterns = _allow_or_deny(table, prefix)
+    for index, pattern in enumerate(patterns):
+        problem = _referer_pattern_problem(pattern)
+        if problem:
+            raise InvalidValue(f"{prefix}.{mode}[{index}]", f"{pattern!r} {problem}")
+    allow_empty = _boolean(table, "allow_empty", prefix, True)
+    return RefererRule(mode, tuple(p.lower() for p in patterns), allow_empty)
+
+
+def _parse_ip_rule(table: dict[str, object], prefix: str) -> IpRule:
+    _check_keys(table, prefix, _LIST_KEYS)
+    mode, _ = _allow_or_deny(table, prefix)
+    return IpRule(mode, _ip_set(table, mode, prefix))
+
+
+def _parse_user_agent(table: dict[str, object], prefix: str) -> UserAgentRule:
+    _check_keys(table, prefix, _LIST_KEYS)
+    mode, patterns = _allow_or_deny(table, prefix)
+    for index, pattern in enumerate(patterns):
+        if not pattern or not pattern.isprintable():
+            raise InvalidValue(f"{prefix}.{mode}[{index}]", "must be a non-empty printable pattern")
+    return UserAgentRule(mode, tuple(patterns))
+
+
+def _parse_rate_limit(table: dict[str, object], prefix: str) -> RateLimit:
+    _check_keys(table, prefix, ("rate", "burst"))
+    if "rate" not in table:
+        raise InvalidValue(f"{prefix}.rate", "is required (requests per second)")
+    rate = table["rate"]
+    if (
+        not isinstance(rate, int | float)
+        or isinstance(rate, bool)
+        or not math.isfinite(rate)
+        or rate <= 0
+    ):
+        raise InvalidValue(
+            f"{prefix}.rate", f"{_type_name(rate)} is not a positive number of requests per second"
+        )
+    burst = _integer(table, "burst", prefix, max(1, math.ceil(rate)), minimum=1)
+    return RateLimit(float(rate), burst)
+
+
+def _parse_signed(table: dict[str, object], prefix: str) -> SignedUrl:
+    _check_keys(table, prefix, _SIGNED_KEYS)
+    if "type" not in table:
+        raise InvalidValue(f"{prefix}.type", f"is required: one of {', '.join(KINDS)}")
+    kind = next((k for k in KINDS if k == table["type"]), None)
+    if kind is None:
+        raise InvalidValue(
+            f"{prefix}.type",
+            f"{_type_name(table['type'])} is not a signing type: one of {', '.join(KINDS)}",
+        )
+    keys = []
+    for name in ("key", "secondary_key"):
+        if name not in table:
+            if name == "key":
+                raise InvalidValue(f"{prefix}.key", "is required")
+            continue
+        # Never echo a key, not even a wrong one.
+        value = table[name]
+        if not isinstance(value, str):
+            raise InvalidValue(f"{prefix}.{name}", "expected a string")
+        if not value:
+            raise InvalidValue(f"{prefix}.{name}", "must not be empty")
+        if not value.isascii() or not value.isprintable() or len(value) > 128:
+            raise InvalidValue(f"{prefix}.{name}", "must be 1-128 printable ASCII characters")
+        keys.append(value)
+    ttl = DEFAULT_TTL
+    if "ttl" in table:
+        try:
+            ttl = parse_duration(table["ttl"])
+        except ValueError as exc:
+            raise InvalidValue(f"{prefix}.ttl", str(exc)) from None
+    form = _string(table, "form", prefix, "path")
+    if form not in ("path", "query"):
+        raise InvalidValue(f"{prefix}.form", f"{form!r} is not one of path, query")
+    time_format = _string(table, "time_format", prefix, "dec")
+    if time_format not in ("dec", "hex"):
+        raise InvalidValue(f"{prefix}.time_format", f"{time_format!r} is not one of dec, hex")
+    if "form" in table and kind != "C":
+        raise InvalidValue(f"{prefix}.form", f"only for type C, not {kind}")
+    if "time_format" in table and kind != "D":
+        raise InvalidValue(f"{prefix}.time_format", f"only for type D, not {kind}")
+    used = _SIGNED_PARAMS.get(kind, {}) if kind != "C" or form == "query" else {}
+    names = {}
+    for name in ("param", "time_param"):
+        if name in table and name not in used:
+            raise InvalidValue(f"{prefix}.{name}", f"not used by type {kind} in this form")
+        if name in used:
+            value = _string(table, name, prefix, used[name])
+            if not _PARAM_NAME.fullmatch(value):
+                raise InvalidValue(
+                    f"{prefix}.{name}",
+                    f"{value!r} is not a query parameter name (A-Z a-z 0-9 _.~-)",
+                )
+            names[name] = value
+    if names.get("param") is not None and names.get("param") == names.get("time_param"):
+        raise InvalidValue(f"{prefix}.time_param", "must differ from param")
+    return SignedUrl(
+        kind,
+        tuple(keys),
+        ttl,
+        param=names.get("param", ""),
+        time_param=names.get("time_param", ""),
+        form="query" if form == "query" else "path",
+        time_format="hex" if time_format == "hex" else "dec",
+    )
+
+
+def _allow_or_deny(
+    table: dict[str, object], prefix: str
+) -> tuple[Literal["allow", "deny"], list[str]]:
+    given = [name for name in _LIST_KEYS if name in table]
+    if len(given) != 1:
+        problem = "both given" if given else "neither given"
+        raise InvalidValue(prefix, f"needs exactly one of allow, deny ({problem})")
+    mode: Literal["allow", "deny"] = "allow" if given[0] == "allow" else "deny"
+    values = _string_list(table, mode, prefix)
+    if not values:
+        raise InvalidValue(f"{prefix}.{mode}", "must list at least one value")
+    return mode, values
+
+
+def _ip_set(table: dict[str, object], name: str, prefix: str) -> IpSet:
+    values = _string_list(table, name, prefix)
+    for index, value in enumerate(values):
+        try:
+            ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise InvalidValue(
+                f"{_join(prefix, name)}[{index}]", f"{value!r} is not an IP address or CIDR network"
+            ) from None
+    return IpSet(values)
+
+
+def _parse_speed_limit(table: dict[str, object], prefix: str) -> SpeedLimit:
+    _check_keys(table, prefix, _SPEED_KEYS)
+    kinds = [kind for kind in _RULE_KINDS if kind in table]
+    if len(kinds) > 1:
+        raise InvalidValue(prefix, f"at most one of suffix, prefix, path (got {', '.join(kinds)})")
+    match = None
+    if kinds:
+        kind = kinds[0]
+        raw_values = _string_list(table, kind, prefix)
+        if not raw_values:
+            raise InvalidValue(f"{prefix}.{kind}", "must list at least one value")
+        values = tuple(
+            _rule_value(kind, value, f"{prefix}.{kind}[{index}]")
+            for index, value in enumerate(raw_values)
+        )
+        match = CacheRule(kind=kind, values=values, ttl=None)
+    if "rate" not in table:
+        raise InvalidValue(f"{prefix}.rate", "is required (bytes per second, e.g. '512KiB')")
+    rate = _size(table, "rate", prefix, 0)
+    if rate < 1024:
+        raise InvalidValue(f"{prefix}.rate", f"{rate} bytes per second is less than 1KiB")
+    return SpeedLimit(rate, _size(table, "after", prefix, 0, allow_zero=True), match)
+
+
+def access_table(rules: AccessRules) -> dict[str, object]:
+    """`rules` as the `access` table `parse_domain` reads back to the same rules (for the
+    control plane: what it stores and sends to edges). Holds the signing keys."""
+    table: dict[str, object] = {}
+    signed = rules.signed_url
+    if signed is not None:
+        entry: dict[str, object] = {"type": signed.kind, "key": signed.keys[0]}
+        if len(signed.keys) > 1:
+            entry["secondary_key"] = signed.keys[1]
+        if signed.ttl != DEFAULT_TTL:
+            entry["ttl"] = signed.ttl
+        for name in ("param", "time_param"):
+            if getattr(signed, name):
+                entry[name] = getattr(signed, name)
+        if signed.kind == "C":
+            entry["form"] = signed.form
+        if signed.kind == "D":
+            entry["time_format"] = signed.time_format
+        table["signed_url"] = entry
+    if rules.referer is not None:
+        table["referer"] = {
+            rules.referer.mode: list(rules.referer.patterns),
+            "allow_empty": rules.referer.allow_empty,
+        }
+    if rules.ip is not None:
+        table["ip"] = {rules.ip.mode: list(rules.ip.networks.networks)}
+    if rules.user_agent is not None:
+        table["user_agent"] = {rules.user_agent.mode: list(rules.user_agent.patterns)}
+    if rules.rate_limit is not None:
+        rate = rules.rate_limit.rate
+        table["rate_limit"] = {
+            "rate": int(rate) if rate.is_integer() else rate,
+            "burst": rules.rate_limit.burst,
+        }
+    if rules.speed_limits:
+        limits = []
+        for limit in rules.speed_limits:
+            item: dict[str, object] = {"rate": limit.rate}
+            if limit.after:
+                item["after"] = limit.after
+            if limit.match is not None:
+                item[limit.match.kind] = list(limit.match.values)
+            limits.append(item)
+        table["speed_limits"] = limits
+    return table
 
 
 def _origin_url(url: str, key: str, *, allow_path: bool = False) -> str:

@@ -98,7 +98,8 @@ class Delivery:
         if obj.file is not None:
             return self._send_file(ex, status, block, obj.file, pieces, outcome)
         body = _assemble(obj.body, pieces)
-        if len(body) <= STREAMED_HIT or ex.no_body:
+        pace = ex.pace  # a speed limit: streamed (paced by ex.write) beyond its free bytes
+        if (len(body) <= STREAMED_HIT and (pace is None or len(body) <= pace.free)) or ex.no_body:
             ex.send(status, block, body)
             ex.set_outcome(outcome)
             return None
@@ -200,11 +201,13 @@ class Delivery:
         *,
         fwd: str | None = None,
         detail: str | None = None,
+        extra: bytes = b"",
     ) -> None:
-        """A response the edge makes itself: short plain-text body, never stored."""
+        """A response the edge makes itself: short plain-text body, never stored; `extra`:
+        more field lines (e.g. Retry-After)."""
         body = (reason + "\n").encode()
         status_value = policy.cache_status(fwd=fwd, detail=detail)
-        block = synth_fields(len(body)) + f"Cache-Status: {status_value}\r\n".encode()
+        block = synth_fields(len(body)) + f"Cache-Status: {status_value}\r\n".encode() + extra
         ex.send(status, block, body)
         ex.set_outcome(outcome)
 

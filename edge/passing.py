@@ -16,6 +16,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from edge import policy
+from edge.access import PREFETCH_HEADER
 from edge.cachekey import cache_key, normalize_path
 from edge.config import DomainConfig
 from edge.deliver import Delivery
@@ -34,8 +35,11 @@ log = logging.getLogger("edge.request")  # the request path's logger, whichever 
 FILL_DROPS = frozenset(
     {"range", "if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since"}
 )
-# Client fields the edge sets itself (Host, X-Forwarded-For, Via) or re-frames (the body).
-NOT_FORWARDED = frozenset({"host", "x-forwarded-for", "via", "content-length", "expect"})
+# Client fields the edge sets itself (Host, X-Forwarded-For, Via) or re-frames (the body), and
+# the supervisor's prefetch secret (edge.access.PREFETCH_HEADER).
+NOT_FORWARDED = frozenset(
+    {"host", "x-forwarded-for", "via", "content-length", "expect", PREFETCH_HEADER.lower()}
+)
 
 
 class Passing(Delivery):

@@ -5,7 +5,10 @@
 - recv: `edge.server` frames and parses the request (`edge.http1`), refusing malformed ones.
 - route: Host -> domain config (`handle`); an unknown host is 404 and never reaches an origin.
 - admit: the control plane's domain states and URL blocks (`edge.controlstate.Gate`): 403
-  for a suspended domain, 451 for a blocked path; access rules come here too.
+  for a suspended domain, 451 for a blocked path; then the domain's access rules
+  (`edge.access`): signed URL (`edge.signing`), referer, client IP, user agent (403), rate
+  limit (429, `edge.ratelimit`), and a speed limit for the response. A domain without access
+  rules pays one attribute check for them.
 - lookup: cache key (`edge.cachekey`) + Vary (`edge.store`) + freshness (`edge.policy`).
 - hit: a fresh stored response, written synchronously from prebuilt bytes (`edge.deliver`).
 - miss: one origin fetch per key (`Fill`), streamed to every waiting client (`edge.miss`);
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -36,6 +40,7 @@ from dataclasses import replace
 from cachetools import TTLCache
 
 from edge import policy
+from edge.access import PREFETCH_HEADER, AccessRules, client_ip, rate_key
 from edge.cachekey import cache_key, normalize_path
 from edge.config import CacheRule, DomainConfig, EdgeConfig
 from edge.controlstate import ControlState, Gate
@@ -48,6 +53,7 @@ from edge.miss import Fills
 from edge.passing import Passing
 from edge.policy import RequestDirectives
 from edge.purge import NEVER, Ban, BanKeeper, BanList
+from edge.ratelimit import RateLimiter
 from edge.server import Exchange, synth_fields
 from edge.sliced import Slice, Slicing
 from edge.store import CachedObject, MemoryTier
@@ -57,6 +63,7 @@ NO_DIRECTIVES = policy.request_directives({})
 HIT_FOR_MISS_SECONDS = 30.0  # how long a key whose response was unshareable skips coalescing
 ALLOW_ALL = b"Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n"
 WHOLE_ONLY_SECONDS = 600.0
+_PREFETCH_FIELD = PREFETCH_HEADER.lower()
 
 
 class EdgeProxy(Slicing, Fills, Passing, Delivery):
@@ -92,6 +99,10 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         # (the hit path's only cost) without a control plane or with nothing to refuse.
         self.gates: Mapping[str, Gate] = {}
         self.bans = BanKeeper(self.tiers, config.edge.state_dir)
+        self.trusted_proxies = config.edge.trusted_proxies
+        self.limiter = RateLimiter()  # every domain's rate limits, per client (bounded)
+        # The supervisor's prefetch requests carry it (edge.access.PREFETCH_HEADER); "": none.
+        self.prefetch_secret = ""
 
     async def start(self) -> None:
         self.bans.load()
@@ -141,16 +152,24 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
     # route ---------------------------------------------------------------------------
     def handle(self, ex: Exchange) -> Awaitable[None] | None:
         head = ex.head
+        trusted = self.trusted_proxies
+        if trusted is not None:
+            ex.client_ip = client_ip(ex.peer, head.headers.get("x-forwarded-for"), trusted)
         domain = self.config.domain_for_host(head.host) if head.host else None
         if domain is None:
             self.synth(ex, 404, "unknown host", "refused")
             return None
         ex.domain = domain.name
+        access = domain.access
         gates = self.gates
         if gates:
             gate = gates.get(domain.name)
             if gate is not None:
-                refusal = gate.refusal(head.path)
+                path = head.path
+                if access is not None and access.signed_url is not None:
+                    # A signed path (B, C) names its object after the signature: blocked too.
+                    path = access.signed_url.resource_path(path)
+                refusal = gate.refusal(path)
                 if refusal is not None:
                     self.synth(ex, refusal[0], refusal[1], "refused")
                     return None
@@ -159,9 +178,47 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
             ex.send(200, synth_fields(0) + ALLOW_ALL, b"")
             ex.set_outcome("bypass")
             return None
+        if access is not None and not self._prefetch(head.headers):
+            self.admit(ex, domain.name, access)
+            if ex.finished:
+                return None  # refused
         if head.method not in ("GET", "HEAD"):
             return self.pass_to_origin(ex, domain, "method")
         return self.lookup(ex, domain)
+
+    # admit (access rules) --------------------------------------------------------------
+    def admit(self, ex: Exchange, domain: str, access: AccessRules) -> None:
+        """The domain's access rules in order (`edge.access`); a refusal is answered here (the
+        exchange is then finished). A signed request of type A, B or C goes on without its
+        signature (`head.target` replaced: the origin never sees it); the cache key never
+        holds a signature (`edge.cachekey`)."""
+        head = ex.head
+        path, _, query = head.target.decode("ascii").partition("?")
+        verdict = access.check(path, query, head.headers, ex.client_ip, time.time())
+        if isinstance(verdict, str):
+            self.synth(ex, 403, f"forbidden: {verdict}", "refused")
+            return
+        limit = access.rate_limit
+        if limit is not None:
+            who = rate_key(ex.client_ip)
+            wait = self.limiter.retry_after(domain, who, limit, time.monotonic())
+            if wait:
+                extra = b"Retry-After: %d\r\n" % wait
+                self.synth(ex, 429, "too many requests", "refused", extra=extra)
+                return
+        if verdict is not None and verdict.strip_origin:
+            head.target = verdict.target
+        if access.speed_limits:
+            speed = access.speed_limit(normalize_path(head.path))  # signature already off
+            if speed is not None:
+                ex.pace = speed.pace()
+
+    def _prefetch(self, headers: Mapping[str, str]) -> bool:
+        """Whether the request is the supervisor's prefetch (it proves it with its secret)."""
+        sent = headers.get(_PREFETCH_FIELD)
+        if not sent or not self.prefetch_secret:
+            return False
+        return hmac.compare_digest(sent.encode(), self.prefetch_secret.encode())
 
     # lookup --------------------------------------------------------------------------
     def lookup(self, ex: Exchange, domain: DomainConfig) -> Awaitable[None] | None:

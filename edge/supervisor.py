@@ -68,6 +68,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -85,6 +86,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from yarl import URL
 
+from edge.access import PREFETCH_HEADER
 from edge.admin import make_admin_app
 from edge.config import ConfigError, ControlSettings, EdgeConfig, parse_config
 from edge.follow import Change, ControlFollower, State
@@ -359,6 +361,9 @@ class Supervisor:
         self.loop_name = loop_name
         self.log_level = log_level
         self.drain_timeout = drain_timeout
+        # Proves to the workers that a request is this supervisor's prefetch, which the
+        # domains' access rules (signed URLs, referer, IP lists, rate limits) must not refuse.
+        self.prefetch_secret = secrets.token_urlsafe(24)
         self.current: Generation | None = None
         self._generations: list[Generation] = []  # the current one and any still draining
         self._numbers = itertools.count(1)
@@ -685,7 +690,7 @@ class Supervisor:
                 try:
                     async with session.get(
                         URL(base + target, encoded=True),
-                        headers={"Host": domain},
+                        headers={"Host": domain, PREFETCH_HEADER: self.prefetch_secret},
                         allow_redirects=False,
                     ) as resp:
                         async for _ in resp.content.iter_chunked(2**16):
@@ -807,6 +812,7 @@ class Supervisor:
             "source": generation.config.source,
             "text": generation.text,
             "grace": self.drain_timeout,
+            "prefetch_secret": self.prefetch_secret,
         }
         follower = self.follower
         if follower is None:

@@ -251,7 +251,8 @@ class EdgeWorker:
 # --- worker process under the supervisor ------------------------------------------------------
 #
 # Control socket protocol: one JSON object per line, both ways.
-#   supervisor -> worker, first line: {"op": "config", "source": PATH, "text": TOML, "grace": S}
+#   supervisor -> worker, first line: {"op": "config", "source": PATH, "text": TOML, "grace": S,
+#   "prefetch_secret": SECRET} (its prefetch requests carry it: access rules let them through)
 #   worker -> supervisor, once serving: {"op": "ready", "pid": PID}
 #   supervisor -> worker: {"op": "stats", "id": N}
 #   its answer: {"op": "stats", "id": N, "snapshot": {...}}
@@ -371,6 +372,7 @@ async def run_worker_process(control_fd: int, listen_fd: int) -> None:
         control_state=hello.get("control"),
         flush=bool(hello.get("flush")),
     )
+    worker.proxy.prefetch_secret = str(hello.get("prefetch_secret") or "")
     worker.proxy.on_invalidate = lambda keys: send_message(
         writer, {"op": "invalidate", "keys": keys}
     )

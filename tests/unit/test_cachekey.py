@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from edge.access import AccessRules
 from edge.cachekey import cache_key, key_query, normalize_path
 from edge.config import DomainConfig, QueryPolicy
+from edge.signing import SignedUrl
 
 KEEP_ALL = QueryPolicy()
 IGNORE = QueryPolicy("ignore_all")
@@ -57,3 +59,20 @@ def test_cache_key_separates_domains_paths_and_queries() -> None:
 )
 def test_normalize_path(raw: str, normal: str) -> None:
     assert normalize_path(raw) == normal
+
+
+@pytest.mark.parametrize(
+    ("signed", "query", "kept"),
+    [
+        (SignedUrl("A", ("k",), param="auth_key"), "a=1&auth_key=1-0-0-x&b=2", "a=1&b=2"),
+        (SignedUrl("D", ("k",), param="sign", time_param="t"), "sign=x&t=5&v=2", "v=2"),
+        (SignedUrl("D", ("k",), param="s", time_param="e"), "sign=x&t=5", "sign=x&t=5"),
+        (SignedUrl("C", ("k",), form="query", param="sign", time_param="t"), "t=5&sign=x", ""),
+        (SignedUrl("C", ("k",)), "sign=x&t=5", "sign=x&t=5"),  # path form: no parameters
+        (SignedUrl("B", ("k",)), "auth_key=x", "auth_key=x"),
+    ],
+)
+def test_cache_key_never_holds_a_signature(signed: SignedUrl, query: str, kept: str) -> None:
+    """Issue 7: every signature of one object shares its stored copy (edge.signing)."""
+    domain = DomainConfig("a.test", ("http://o",), access=AccessRules(signed_url=signed))
+    assert cache_key(domain, "/x", query) == ("a.test/x?" + kept if kept else "a.test/x")

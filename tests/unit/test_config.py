@@ -199,6 +199,7 @@ def test_example_config_mentions_every_key() -> None:
     documented |= set(re.findall(r"\b(mode|params) = ", text))
     documented |= {table for table in ("edge", "cache", "origin") if f"[{table}]" in text}
     documented |= {"domains", "rules"} if "[[domains.rules]]" in text else set()
+    documented |= {"access"} if "[domains.access." in text else set()
     settings = (EdgeSettings, CacheSettings, OriginSettings, DomainConfig, QueryPolicy)
     keys = {f.name for cls in settings for f in dataclasses.fields(cls)}
     keys |= {"suffix", "prefix", "path", "ttl", "respect_origin", "slice"}
