@@ -75,6 +75,8 @@ class Route:
     query: tuple[QueryParam, ...] = ()
     produces: str = "application/json"
     response: type[BaseModel] | None = None  # the success body's model (documentation, tests)
+    consumes: str | None = None  # a raw request body's media type (the handler streams it)
+    errors: tuple[int, ...] = ()  # problem statuses beyond those every route of its kind has
 
     @property
     def router_path(self) -> str:
@@ -100,10 +102,25 @@ class RouteTable:
         status: int = 200,
         query: tuple[QueryParam, ...] = (),
         response: type[BaseModel] | None = None,
+        produces: str = "application/json",
+        consumes: str | None = None,
+        errors: tuple[int, ...] = (),
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             entry = Route(
-                method, path, summary, who, None, scope, None, status, query, response=response
+                method,
+                path,
+                summary,
+                who,
+                None,
+                scope,
+                None,
+                status,
+                query,
+                produces=produces,
+                response=response,
+                consumes=consumes,
+                errors=errors,
             )
 
             async def guarded(request: web.Request) -> web.StreamResponse:
@@ -126,9 +143,21 @@ class RouteTable:
         scope: str | None = None,
         status: int = 200,
         response: type[BaseModel] | None = None,
+        produces: str = "application/json",
     ) -> Callable[[BodyHandler[B]], BodyHandler[B]]:
         def register(handler: BodyHandler[B]) -> BodyHandler[B]:
-            entry = Route(method, path, summary, who, None, scope, body, status, response=response)
+            entry = Route(
+                method,
+                path,
+                summary,
+                who,
+                None,
+                scope,
+                body,
+                status,
+                produces=produces,
+                response=response,
+            )
 
             async def guarded(request: web.Request) -> web.StreamResponse:
                 check_access(request, entry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -20,6 +21,7 @@ from control import (
     blocks,
     domains,
     edges,
+    logs,
     notices,
     openapi,
     purge,
@@ -31,6 +33,7 @@ from control.auth import PRINCIPAL, Principal, bearer_token, principal_for
 from control.config import ControlConfig
 from control.db import engine_for, migrate
 from control.feed import Feed
+from control.logstore import LocalLogStore
 from control.problems import Problem
 from control.scheduler import CLOCK, SCHEDULER, Clock, Scheduler
 
@@ -40,6 +43,7 @@ __all__ = [
     "FEED",
     "OPERATOR_TOKEN",
     "ORIGIN_DENY",
+    "RETENTION",
     "ROUTES",
     "errors_and_auth",
     "make_app",
@@ -58,10 +62,14 @@ ROUTES: tuple[Route, ...] = (
     *usage.routes.routes,
     *notices.routes.routes,
     *billing.routes.routes,
+    *logs.routes.routes,
     *openapi.routes.routes,
 )
 
-# Largest request body: 1000 URLs of a few KiB each.
+# The log retention job's scheduler (control.logs.enforce_retention).
+RETENTION = web.AppKey("log_retention", Scheduler)
+
+# Largest request body read whole: 1000 URLs of a few KiB each (log uploads stream past it).
 MAX_BODY = 8 * 2**20
 
 # Paths served without a token.
@@ -119,6 +127,17 @@ def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Ap
         return await billing.settle(store, at, clock=clock, grace=grace, changed=feed.changed)
 
     scheduler = app[SCHEDULER] = Scheduler(settle_due, clock, config.settle_every)
+    log_store = app[logs.LOG_STORE] = LocalLogStore(Path(config.log_dir))
+    log_settings = app[logs.LOG_SETTINGS] = logs.settings_of(config)
+
+    async def expire_logs(at: datetime) -> object:
+        return await logs.enforce_retention(
+            store, log_store, log_settings, at, stopping=retention.stopping
+        )
+
+    retention = app[RETENTION] = Scheduler(
+        expire_logs, clock, config.log_retention_every, name="log-retention"
+    )
     app[openapi.DOCUMENT] = openapi.document([*ROUTES, *openapi.EDGE_ROUTES])
     for route in ROUTES:
         assert route.handler is not None
@@ -131,6 +150,7 @@ def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Ap
         await feed.start()
         await deliveries.start()
         scheduler.start()
+        retention.start()
 
     async def end_streams(_: web.Application) -> None:
         # on_shutdown runs before the server waits for open requests: edge streams never end
@@ -139,6 +159,7 @@ def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Ap
 
     async def stop(_: web.Application) -> None:
         await scheduler.stop()
+        await retention.stop()
         await deliveries.stop()
         await feed.stop()
         if owned:

@@ -15,7 +15,7 @@ from ipaddress import ip_network
 
 from control.db import async_url
 from control.digits import parse_digits
-from edge.config import ConfigError, parse_duration
+from edge.config import ConfigError, parse_duration, parse_size
 from edge.netguard import INTERNAL_NETWORKS, Network
 
 ADMIN_TOKEN_ENV = "CDN_ADMIN_TOKEN"
@@ -37,7 +37,14 @@ _KEYS = (
     "secret_key",
     "arrears_grace",
     "settle_every",
+    "log_dir",
+    "log_max_upload",
+    "log_retention_days",
+    "log_retention_floor_days",
+    "log_retention_every",
 )
+# Retention settings are whole days, at most 100 years.
+MAX_LOG_DAYS = 36500
 _DNS_NAME = re.compile(
     r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z][a-z0-9-]*[a-z0-9]"
 )
@@ -61,6 +68,14 @@ class ControlConfig:
     origin_deny: tuple[Network, ...] = ORIGIN_DENY
     # Encrypts webhook secrets at rest; empty: accounts cannot set a webhook.
     secret_key: str = ""
+    # Access logs (issue 6): where the local log store keeps the edges' pieces, the largest
+    # piece accepted, the default retention, the legal floor no retention or delete request
+    # goes below, and how often the retention job runs.
+    log_dir: str = "var/logs"
+    log_max_upload: int = 4 * 2**30
+    log_retention_days: int = 180
+    log_retention_floor_days: int = 180
+    log_retention_every: float = 3600.0
 
     def __repr__(self) -> str:
         # The admin token must never reach a log or a traceback through a repr.
@@ -165,6 +180,33 @@ def parse_config(text: str, source: str, *, env: Mapping[str, str]) -> ControlCo
             found.append(network)
         return tuple(found)
 
+    def days(key: str, default: int) -> int:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOG_DAYS:
+            raise fail(
+                f"control.{key}", f"expected whole days from 0 to {MAX_LOG_DAYS}, got {value!r}"
+            )
+        return value
+
+    log_dir = string("log_dir", defaults.log_dir)
+    if not log_dir:
+        raise fail("control.log_dir", "must name a directory")
+    log_max_upload = defaults.log_max_upload
+    if "log_max_upload" in table:
+        try:
+            log_max_upload = parse_size(table["log_max_upload"])
+        except ValueError as exc:
+            raise fail("control.log_max_upload", str(exc)) from None
+        if log_max_upload <= 0:
+            raise fail("control.log_max_upload", "must be more than 0 bytes")
+    floor_days = days("log_retention_floor_days", defaults.log_retention_floor_days)
+    retention_days = days("log_retention_days", defaults.log_retention_days)
+    if retention_days < floor_days:
+        raise fail(
+            "control.log_retention_days",
+            f"{retention_days} is below log_retention_floor_days ({floor_days}), the legal minimum",
+        )
+
     return ControlConfig(
         source=source,
         admin_token=admin_token,
@@ -177,6 +219,11 @@ def parse_config(text: str, source: str, *, env: Mapping[str, str]) -> ControlCo
         settle_every=seconds("settle_every", defaults.settle_every),
         origin_deny=networks("origin_deny") if "origin_deny" in table else ORIGIN_DENY,
         secret_key=secret_key,
+        log_dir=log_dir,
+        log_max_upload=log_max_upload,
+        log_retention_days=retention_days,
+        log_retention_floor_days=floor_days,
+        log_retention_every=seconds("log_retention_every", defaults.log_retention_every),
     )
 
 

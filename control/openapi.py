@@ -107,6 +107,11 @@ def document(table: list[Route]) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
             }
+        elif route.consumes is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {route.consumes: {"schema": {"type": "string", "format": "binary"}}},
+            }
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -169,7 +174,7 @@ def _operation(route: Route) -> dict[str, Any]:
         schema = {"type": "object"} if route.produces == "application/json" else {"type": "string"}
         success["content"] = {route.produces: {"schema": schema}}
     responses: dict[str, Any] = {str(route.status): success}
-    errors = [400, 422] if route.body is not None else []
+    errors = [*([400, 422] if route.body is not None else []), *route.errors]
     if route.who != PUBLIC:
         operation["x-allowed"] = sorted(route.who)
         if route.scope is not None:
@@ -181,7 +186,7 @@ def _operation(route: Route) -> dict[str, Any]:
         errors.append(404)
     if route.method in ("POST", "PUT", "DELETE") and route.who != EDGE:
         errors.append(409)
-    for status in sorted(errors):
+    for status in sorted(set(errors)):
         responses[str(status)] = {"$ref": "#/components/responses/Problem"}
     operation["responses"] = responses
     return operation

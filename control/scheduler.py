@@ -1,9 +1,10 @@
-"""The billing clock and the periodic job that settles what is due.
+"""The control plane's clock and its periodic jobs: billing settles what is due, the log
+retention job deletes expired access logs (control.logs).
 
-Billing reads time only through `Clock`, so tests run a month in milliseconds by setting and
-advancing it; the scheduler wakes every `settle_every` seconds of real time and runs the job at
-the clock's instant. It is a background task owned by the app's lifecycle (started on startup,
-cancelled and awaited on cleanup).
+Billing and logs read time only through `Clock`, so tests run a month in milliseconds by setting
+and advancing it; a scheduler wakes every `settle_every` (`log_retention_every`) seconds of real
+time and runs its job at the clock's instant. Each is a background task owned by the app's
+lifecycle (started on startup, stopped at a safe point on cleanup).
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ class Scheduler:
     `tick` runs it now.
 
     Runs never overlap in this process (a lock); across replicas the job itself takes care
-    (control.billing takes a PostgreSQL advisory lock, SQLite serialises writers).
+    (control.billing takes a PostgreSQL advisory lock, SQLite serialises writers; the log
+    retention job's deletions are idempotent).
     """
 
-    def __init__(self, job: Job, clock: Clock, every: float) -> None:
+    def __init__(self, job: Job, clock: Clock, every: float, name: str = "billing") -> None:
         self.job = job
         self.clock = clock
         self.every = every
+        self.name = name
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -65,19 +68,24 @@ class Scheduler:
             await self.job(self.clock.now())
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="billing-scheduler")
+        self._task = asyncio.create_task(self._loop(), name=f"{self.name}-scheduler")
 
     async def stop(self) -> None:
         if self._task is not None:
             await stop_at_safe_point(self._task, self._stopping, STOP_GRACE)
             self._task = None
 
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set when the scheduler is asked to stop: a long job checks it between its steps."""
+        return self._stopping
+
     async def _loop(self) -> None:
         while not await sleep_unless_stopping(self._stopping, self.every):
             try:
                 await self.tick()
-            except Exception:  # the next run retries; settlement is idempotent
-                log.exception("billing run failed")
+            except Exception:  # the next run retries; the jobs are idempotent
+                log.exception("%s run failed", self.name)
 
 
 CLOCK = web.AppKey("clock", Clock)

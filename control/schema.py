@@ -441,3 +441,66 @@ bill_lines = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Index("ix_bill_lines_account_day", "account_id", "day"),
 )
+
+
+# --- access logs: the pieces edges shipped, retention, legal holds, delete requests (issue 6) ----
+
+# One gzip file an edge shipped for a domain and UTC hour (`PUT /v1/edge/logs/...`). The file
+# itself is in the log store (control.logstore) under `storage_key`; `account_id` is the owner of
+# the domain when the piece arrived (null: no account had it, operator only), so a deleted or
+# moved domain's logs stay with the account whose traffic they record.
+log_pieces = Table(
+    "log_pieces",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("edge_id", Integer, ForeignKey("edges.id"), nullable=False),
+    Column("domain", Text, nullable=False),
+    Column("hour", UTCDateTime(), nullable=False),  # the start of a UTC hour
+    Column("piece", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", Text, nullable=False),  # hex
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=True),
+    Column("stored_at", UTCDateTime(), nullable=False),
+    Column("storage_key", Text, nullable=False, unique=True),
+    UniqueConstraint("edge_id", "domain", "hour", "piece", name="uq_log_pieces_edge_piece"),
+    Index("ix_log_pieces_domain_hour", "domain", "hour"),
+    Index("ix_log_pieces_account_hour", "account_id", "hour"),
+    Index("ix_log_pieces_hour", "hour"),
+)
+
+# An account's log retention when the operator set one; others keep the config's default. Never
+# below the config's floor (control.logrules.retention_days applies it when reading).
+log_retention = Table(
+    "log_retention",
+    metadata,
+    Column("account_id", Integer, ForeignKey("accounts.id"), primary_key=True),
+    Column("days", Integer, nullable=False),
+    Column("set_at", UTCDateTime(), nullable=False),
+)
+
+# Legal holds: a held domain's pieces are never deleted (retention, delete requests) until the
+# operator lifts the hold. Keyed by name: a hold outlives the domain's registration, as logs do.
+log_holds = Table(
+    "log_holds",
+    metadata,
+    Column("domain", Text, primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("set_by", Text, nullable=False),
+    Column("set_at", UTCDateTime(), nullable=False),
+)
+
+# A customer's delete request for its pieces of a domain with hours in [start_hour, end_hour):
+# what had passed the floor went at once; the retention job deletes the rest as each hour passes
+# it, and sets `done_at` when the last one has.
+log_deletions = Table(
+    "log_deletions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=False),
+    Column("domain", Text, nullable=False),
+    Column("start_hour", UTCDateTime(), nullable=False),
+    Column("end_hour", UTCDateTime(), nullable=False),
+    Column("requested_at", UTCDateTime(), nullable=False),
+    Column("done_at", UTCDateTime(), nullable=True),
+    Index("ix_log_deletions_done_at", "done_at"),
+)

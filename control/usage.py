@@ -338,7 +338,9 @@ def _bad(status: int, field: str, problem: str) -> Problem:
     return Problem(status, f"{field}: {problem}", errors=[{"field": field, "problem": problem}])
 
 
-def _instant(raw: str | None, field: str) -> datetime:
+def query_instant(raw: str | None, field: str) -> datetime:
+    """The instant `raw` names (ISO 8601 with a UTC offset, years 2000 to 8999), in UTC; a 422
+    (400 when it is not a date-time at all) naming `field`."""
     if raw is None:
         raise _bad(422, field, "required (ISO 8601 date-time with offset)")
     try:
@@ -360,7 +362,8 @@ def _query(request: web.Request, principal: Principal) -> _Query:
             raise _bad(422, name, "unknown parameter")
         if len(query.getall(name)) > 1:
             raise _bad(400, name, "given more than once")
-    start, end = _instant(query.get("from"), "from"), _instant(query.get("to"), "to")
+    start = query_instant(query.get("from"), "from")
+    end = query_instant(query.get("to"), "to")
     if start >= end:
         raise _bad(422, "to", "must be after from")
     if end - start > MAX_RANGE:

@@ -138,6 +138,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p_settle.add_argument("--config", required=True, help="control TOML config")
     p_settle.add_argument("--date", required=True, help="the billing day, YYYY-MM-DD")
+    p_retention = control_sub.add_parser(
+        "logs-retention",
+        help="run the access-log retention job by hand",
+        description="Delete the access logs older than their account's retention and what "
+        "customers' delete requests may delete by now (never a domain under a legal hold), as "
+        "the control plane does every log_retention_every; prints what it deleted. Running it "
+        "twice deletes nothing more.",
+    )
+    p_retention.add_argument("--config", required=True, help="control TOML config")
     p_origin = sub.add_parser("origin", help="run the sample origin (demo and benchmarks)")
     p_origin.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 8001))
     p_origin.add_argument("--dir", type=Path, default=Path("var/demo/origin"))
@@ -165,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
             from control.billing import settle_main
 
             sys.exit(settle_main(args.config, args.date))
+        if args.control_command == "logs-retention":
+            from control.logs import retention_main
+
+            sys.exit(retention_main(args.config))
         if args.config is None:
             p_control.error("the following arguments are required: --config")
         from control.server import main as control_main

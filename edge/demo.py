@@ -67,6 +67,7 @@ async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
         cname_suffix="cdn.demo.test",
         # The demo's origin is on loopback, which the control plane refuses by default.
         origin_deny=(),
+        log_dir=str(state_root / "control-logs"),
     )
     control = web.AppRunner(make_app(control_config), access_log=None)
     edge: asyncio.subprocess.Process | None = None

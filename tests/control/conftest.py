@@ -212,9 +212,17 @@ def api_settings() -> dict[str, Any]:
 
 
 @pytest.fixture
-async def api(db: AsyncEngine, aiohttp_client: AiohttpClient, api_settings: dict[str, Any]) -> Api:
-    """The control plane on the parametrized database, listening on a real socket."""
-    settings: dict[str, Any] = {"heartbeat": 1.0, "change_log_keep": 3600.0, **api_settings}
+async def api(
+    db: AsyncEngine, aiohttp_client: AiohttpClient, api_settings: dict[str, Any], tmp_path: Path
+) -> Api:
+    """The control plane on the parametrized database, listening on a real socket; its log
+    store in the test's own directory."""
+    settings: dict[str, Any] = {
+        "heartbeat": 1.0,
+        "change_log_keep": 3600.0,
+        "log_dir": str(tmp_path / "logs"),
+        **api_settings,
+    }
     config = ControlConfig(
         source="test", admin_token=ADMIN_TOKEN, cname_suffix=CNAME_SUFFIX, **settings
     )

@@ -17,7 +17,13 @@ from tests.control.conftest import ADMIN_TOKEN, Api
 
 # Every route's path with sample parameters; a refusal comes before any lookup, so they need
 # not exist.
-SAMPLE = {"id": "1", "name": "www.example.com"}
+SAMPLE = {
+    "id": "1",
+    "name": "www.example.com",
+    "domain": "www.example.com",
+    "hour": "2026-11-26T10",
+    "piece": "w0",
+}
 
 
 def concrete(route: Route) -> str:

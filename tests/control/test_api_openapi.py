@@ -112,3 +112,15 @@ def test_every_route_is_declared_once() -> None:
     keys = [(r.method, r.path) for r in (*ROUTES, *EDGE_ROUTES)]
     assert len(keys) == len(set(keys))
     assert all(isinstance(r, Route) and r.handler is not None for r in ROUTES)
+
+
+async def test_log_routes_document_their_raw_bodies_and_errors(api: Api) -> None:
+    paths = (await api.call("GET", "/v1/openapi.json", token=None)).body["paths"]
+    upload = paths["/v1/edge/logs/{domain}/{hour}/{piece}"]["put"]
+    assert list(upload["requestBody"]["content"]) == ["application/gzip"]
+    assert {"201", "400", "401", "409", "413", "503"} <= set(upload["responses"])
+    assert list(paths["/v1/logs/{domain}/{hour}"]["get"]["responses"]["200"]["content"]) == [
+        "application/gzip"
+    ]
+    assert "application/x-tar" in paths["/v1/logs/export"]["post"]["responses"]["200"]["content"]
+    assert paths["/v1/logs"]["get"]["x-scope"] == "logs:read"
