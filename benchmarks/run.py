@@ -717,12 +717,13 @@ def signed_path(path: str) -> str:
 class EdgeProxy(Proxy):
     name = "edge"
     hit_header = "Cache-Status"
+    extra_config = ""  # appended to the generated config
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.admin_port = free_port()
-        self.config = OUT / "edge.toml"
-        self.state_dir = OUT / "edge"
+        self.config = OUT / f"{self.name}.toml"
+        self.state_dir = OUT / self.name
         self.worker_count = ctx.args.workers
 
     def write_config(self) -> None:
@@ -757,6 +758,7 @@ class EdgeProxy(Proxy):
                 if edge_has_access_rules()
                 else ""
             )
+            + self.extra_config
         )
 
     def _start_once(self) -> None:
@@ -767,7 +769,7 @@ class EdgeProxy(Proxy):
             python=sys.executable,
             config=str(self.config),
         )
-        self.proc = ManagedProcess("edge", argv, LOGS / "edge.log")
+        self.proc = ManagedProcess(self.name, argv, LOGS / f"{self.name}.log")
         self.proc.start()
 
         def ready() -> bool:
@@ -829,6 +831,14 @@ class EdgeProxy(Proxy):
         return f"cdn-edge {ver}" + (
             f" (git {rev}" + (", edge/ modified" if dirty.strip() else "") + ")" if rev else ""
         )
+
+
+class EdgeNoLogProxy(EdgeProxy):
+    """The edge with its access log off: the other side of the logging-overhead figure
+    (`log_overhead`, issue 6); not one of PROXIES."""
+
+    name = "edge-nolog"
+    extra_config = "\n[logs]\nenabled = false\n"
 
 
 def _size_text(n: object) -> str:
@@ -2721,6 +2731,10 @@ def run(args: argparse.Namespace, command: str, stack: list[Origin | Proxy]) -> 
                     flush=True,
                 )
 
+    edge = next((p for p in proxies if isinstance(p, EdgeProxy)), None)
+    if edge is not None and any(s.name == "small-hit" for s in scenarios):
+        log_overhead(ctx, edge, stack)
+
     names = [p.name for p in proxies]
     cost = rules_cost(results)
     if cost is not None:
@@ -2741,6 +2755,49 @@ def run(args: argparse.Namespace, command: str, stack: list[Origin | Proxy]) -> 
         f"({elapsed / 60:.1f} min)"
     )
     return 1 if any(r.errors for r in results) else 0
+
+
+def log_overhead(ctx: Context, edge: EdgeProxy, stack: list[Origin | Proxy]) -> None:
+    """Issue 6: the small-hit case against the edge with its access log on (as run above) and
+    off, interleaved, --reps times each; the ratio of the medians becomes a note of the run.
+    The issue's bound: logging costs at most 10 % of small-hit throughput."""
+    (sc,) = [s for s in SCENARIOS if s.name == "small-hit"]
+    nolog = EdgeNoLogProxy(ctx)
+    stack.append(nolog)
+    print(f"bench: access-log overhead: starting edge-nolog on {HOST}:{nolog.port}", flush=True)
+    nolog.start()
+    res = ScenarioResult(sc, {edge.name: [], nolog.name: []})
+    try:
+        sc.prepare(ctx, nolog)
+        for rep in range(1, ctx.args.reps + 1):
+            for proxy in (edge, nolog):
+                s = measure_when_idle(ctx, sc, proxy, res)
+                ensure_running(proxy)
+                res.samples[proxy.name].append(s)
+                print(
+                    f"  {proxy.name:<10} run {rep}/{ctx.args.reps}: "
+                    f"{_val(s.values, 'rps', 0)} requests/s, "
+                    f"{_val(s.values, 'cpu_us_per_req', 1)} CPU µs/request",
+                    flush=True,
+                )
+    except ScenarioError as e:
+        ctx.note(f"access-log overhead not measured: {e}")
+        return
+    finally:
+        nolog.stop()
+    on, off = res.median(edge.name, "rps"), res.median(nolog.name, "rps")
+    cpu_on, cpu_off = (res.median(n, "cpu_us_per_req") for n in (edge.name, nolog.name))
+    if not (on and off and cpu_on and cpu_off):
+        ctx.note("access-log overhead not measured: no samples")
+        return
+    text = (
+        f"access-log overhead (small-hit, medians of {ctx.args.reps}): logging on "
+        f"{on:.0f} requests/s, off {off:.0f}: on/off = {on / off:.3f} "
+        f"({(1 - on / off) * 100:+.1f} % throughput lost; issue 6 allows 10 %); CPU µs/request "
+        f"on {cpu_on:.1f}, off {cpu_off:.1f} (on/off {cpu_on / cpu_off:.3f})"
+    )
+    print(f"bench: {text}", flush=True)
+    ctx.note(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ __all__ = [
     "DomainConfig",
     "EdgeConfig",
     "EdgeSettings",
+    "LogSettings",
     "OriginSettings",
     "QueryPolicy",
     "access_table",
@@ -189,6 +190,18 @@ class ControlSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    """`[logs]`: access logs (edge.accesslog, edge.logwriter, edge.logship)."""
+
+    enabled: bool = True
+    # While log files cannot be written: "serve" keeps serving (lost lines are counted),
+    # "refuse" answers 503 and /readyz fails, until writing works again.
+    on_log_failure: Literal["serve", "refuse"] = "serve"
+    keep_days: int = 7  # shipped files are deleted this long after their hour ended
+    retention_days: int = 180  # without [control]: closed files are deleted after this long
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     """A whole, validated config file."""
 
@@ -199,6 +212,7 @@ class EdgeConfig:
     # By lowercase name; read-only. Empty with `control`: the control plane's state decides.
     domains: Mapping[str, DomainConfig]
     control: ControlSettings | None = None
+    logs: LogSettings = LogSettings()
 
     def domain_for_host(self, host: str) -> DomainConfig | None:
         """The domain a `Host` header value names, or None.
@@ -296,7 +310,9 @@ def parse_duration(value: object) -> int:
 
 # --- validation internals ---------------------------------------------------------------------
 
-_TOP_KEYS = ("edge", "cache", "origin", "domains", "control")
+_TOP_KEYS = ("edge", "cache", "origin", "domains", "control", "logs")
+_LOGS_KEYS = ("enabled", "on_log_failure", "keep_days", "retention_days")
+_LOG_FAILURE_MODES: tuple[Literal["serve", "refuse"], ...] = ("serve", "refuse")
 _EDGE_KEYS = (
     "listen",
     "admin_listen",
@@ -355,6 +371,7 @@ def _parse_document(document: dict[str, object], source: str) -> EdgeConfig:
     cache = _parse_cache(_table(document, "cache", ""))
     control = _parse_control(_table(document, "control", "")) if "control" in document else None
     origin = _parse_origin(_table(document, "origin", ""), attached=control is not None)
+    logs = _parse_logs(_table(document, "logs", ""))
 
     entries = document.get("domains", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -385,6 +402,7 @@ def _parse_document(document: dict[str, object], source: str) -> EdgeConfig:
         origin=origin,
         domains=MappingProxyType(domains),
         control=control,
+        logs=logs,
     )
 
 
@@ -482,6 +500,25 @@ def _network(cidr: str, key: str) -> Network:
         return ipaddress.ip_network(cidr, strict=False)
     except ValueError:
         raise InvalidValue(key, f"{cidr!r} is not an address or network (CIDR)") from None
+
+
+def _parse_logs(table: dict[str, object]) -> LogSettings:
+    _check_keys(table, "logs", _LOGS_KEYS)
+    defaults = LogSettings()
+    raw_mode = _string(table, "on_log_failure", "logs", defaults.on_log_failure)
+    mode = next((m for m in _LOG_FAILURE_MODES if m == raw_mode), None)
+    if mode is None:
+        raise InvalidValue(
+            "logs.on_log_failure", f"{raw_mode!r} is not one of {', '.join(_LOG_FAILURE_MODES)}"
+        )
+    return LogSettings(
+        enabled=_boolean(table, "enabled", "logs", defaults.enabled),
+        on_log_failure=mode,
+        keep_days=_integer(table, "keep_days", "logs", defaults.keep_days, minimum=0),
+        retention_days=_integer(
+            table, "retention_days", "logs", defaults.retention_days, minimum=1
+        ),
+    )
 
 
 def _parse_control(table: dict[str, object]) -> ControlSettings:

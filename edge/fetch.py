@@ -10,7 +10,9 @@ Origins at addresses in `[origin] deny` are never connected to (edge.netguard): 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import aiohttp
 from multidict import CIMultiDict
@@ -36,6 +38,15 @@ class OriginError(Exception):
         self.status = status
         self.reason = reason
         self.detail = f"{reason}: {detail}" if detail else reason
+
+
+class OriginAnswer(Protocol):
+    """Where `OriginClient.open` notes the origin's answer for the access log (an exchange, or a
+    fill that exchanges read it from): its status (None: no answer) and milliseconds to its
+    head (or to the failure). Only the first fetch is noted: a sliced response's first slice."""
+
+    origin_status: int | None
+    origin_ms: float | None
 
 
 class OriginClient:
@@ -81,6 +92,7 @@ class OriginClient:
         target: bytes,
         headers: CIMultiDict[str],
         body: AsyncIterator[bytes] | None = None,
+        answer: OriginAnswer | None = None,
     ) -> aiohttp.ClientResponse:
         """Send the request and return once the response head arrived (body unread).
 
@@ -88,7 +100,26 @@ class OriginClient:
         started to stream cannot be replayed, so a request with a body gets one origin only.
         A connection closed without an answer is retried by aiohttp itself for idempotent
         methods; after that, only an idempotent request moves on to the next origin.
+        `answer`, unless it has one already, gets the status and time of the answer.
         """
+        if answer is None or answer.origin_ms is not None:
+            return await self._open(domain, method, target, headers, body)
+        started = time.monotonic()
+        try:
+            resp = await self._open(domain, method, target, headers, body)
+        finally:
+            answer.origin_ms = (time.monotonic() - started) * 1000
+        answer.origin_status = resp.status
+        return resp
+
+    async def _open(
+        self,
+        domain: DomainConfig,
+        method: str,
+        target: bytes,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
         assert self._session is not None, "OriginClient.start() not awaited"
         path = target.decode("ascii")
         last: OriginError | None = None

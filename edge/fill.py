@@ -77,6 +77,9 @@ class Fill:
         self.error: BaseException | None = None
         self.waiters = 0  # clients that joined this fill (collapsed)
         self.invalidated = False  # an unsafe request changed the resource: do not store
+        # The origin's answer (edge.fetch.OriginAnswer), copied to each exchange it serves.
+        self.origin_status: int | None = None
+        self.origin_ms: float | None = None
         self.spool: Spool | None = None
         self.spooled = 0  # body bytes [0, spooled) are readable from the spool's file
         self.spool_error: OSError | None = None

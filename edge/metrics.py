@@ -54,6 +54,11 @@ class EdgeStats:
         self.coalesced_waits = 0
         self.stored_objects = 0
         self.not_stored: Counter[str] = Counter()
+        # Access log (edge.logwriter): lines written, lines lost (disk failing), and what is
+        # failing now ("" while writing works: a str, so not a counter).
+        self.log_lines_written = 0
+        self.log_lines_lost = 0
+        self.log_failure = ""
 
     def account(self, outcome: str, status: int, bytes_sent: int, body_bytes: int) -> None:
         self.requests[outcome] += 1
@@ -80,6 +85,7 @@ def worker_snapshot(stats: EdgeStats, tiers: Tiers) -> Snapshot:
         "memory_tier_bytes": memory.bytes_used,
         "memory_tier_budget_bytes": memory.budget,
         "memory_tier_objects": len(memory),
+        "log_writers_failing": int(bool(stats.log_failure)),
     }
     if disk is not None:
         counters["disk_tier_evictions"] = disk.evictions
@@ -179,6 +185,12 @@ COUNTERS = (
         "cdn_edge_disk_tier_corrupt_removed",
         "Truncated or corrupt cache files found and removed (never served)",
     ),
+    _Family("log_lines_written", "cdn_edge_log_lines_written", "Access-log lines written"),
+    _Family(
+        "log_lines_lost",
+        "cdn_edge_log_lines_lost",
+        "Access-log lines lost because the log disk failed (logs.on_log_failure)",
+    ),
 )
 
 GAUGES = (
@@ -208,6 +220,11 @@ GAUGES = (
         "cdn_edge_disk_tier_budget_bytes",
         "Byte budget of the host's disk tier (shared by the workers)",
         merge="max",
+    ),
+    _Family(
+        "log_writers_failing",
+        "cdn_edge_log_writers_failing",
+        "Workers that cannot write their access log now (full or failing disk)",
     ),
 )
 

@@ -159,7 +159,7 @@ class Fills(Passing):
                     return  # fed by another worker's fetch
             request_time = time.time()
             self.stats.origin_fetches += 1
-            resp = await self.origin.open(domain, "GET", target, headers)
+            resp = await self.origin.open(domain, "GET", target, headers, answer=fill)
             await self._fill_body(
                 fill, domain, key, rule, resp, request_fields, stale, store, request_time, claim
             )
@@ -458,6 +458,7 @@ class Fills(Passing):
             try:
                 fhead = await fill.head
             except OriginError as e:
+                ex.origin_status, ex.origin_ms = fill.origin_status, fill.origin_ms
                 if stale is not None and self._stale_if_error(req, stale):
                     await _completed(self.deliver_hit(
                         ex, stale, stale.age(time.time()), "stale", fwd="stale",
@@ -466,6 +467,7 @@ class Fills(Passing):
                 else:
                     self.synth(ex, e.status, e.reason, "error", fwd=fwd)
                 return
+            ex.origin_status, ex.origin_ms = fill.origin_status, fill.origin_ms
             if fhead.revalidated is not None:
                 obj = fhead.revalidated
                 if obj.file is not None:

@@ -59,7 +59,9 @@ class Passing(Delivery):
         body = ex.body() if ex.has_body else None
         self.stats.origin_fetches += 1
         try:
-            resp = await self.origin.open(domain, head.method, head.target, headers, body)
+            resp = await self.origin.open(
+                domain, head.method, head.target, headers, body, answer=ex
+            )
         except OriginError as e:
             self._origin_failed(domain, head.target, e.detail, "connect")
             self.synth(ex, e.status, e.reason, "error", fwd=fwd)

@@ -24,6 +24,10 @@ handed to `HttpServer.account` (the Prometheus counters). Refusals before an exc
 recorded as it goes (`HttpServer.meter_progress`, every second), so a long transfer's bytes fall
 into the 5-minute window in which they were sent; the request itself counts where it ends.
 
+Access log (issue 6): at the same place, every exchange (and every refusal before one) is
+handed to `HttpServer.access_log` as an `edge.accesslog.Entry`, a tuple of raw values (a list
+append: no formatting, no I/O here); `edge.logwriter` formats and writes them in the background.
+
 Bytes sent: the status line, header block, framing and body bytes handed to the kernel for
 the client's socket. A response cut short because the client went away (it closed or reset the
 connection, or stopped reading until the send timeout cut it) counts only what the client's TCP
@@ -57,6 +61,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import Protocol, cast
 
+from edge.accesslog import RAW_URL_MAX, Entry
 from edge.http1 import (
     BadRequest,
     ChunkedDecoder,
@@ -230,6 +235,7 @@ class Exchange:
         "domain",
         "finished",
         "head",
+        "head_at",
         "headers_sent",
         "keep_alive",
         "kind",
@@ -237,8 +243,12 @@ class Exchange:
         "metered_sent",
         "method",
         "no_body",
+        "origin_ms",
+        "origin_status",
         "outcome",
         "pace",
+        "response_head",
+        "started",
         "status",
     )
 
@@ -266,6 +276,15 @@ class Exchange:
         self.kind = PASS
         self.metered_sent = 0  # bytes already recorded by `HttpServer.meter_progress`
         self.metered_body = 0
+        # Access log (edge.accesslog): who asked, when the head was complete and when the
+        # response head went out (monotonic s; 0.0: not yet), the response's header block (for
+        # its Content-Type, read off the data path), the origin's answer (edge.fetch).
+        self.client_ip = conn.peer
+        self.started = time.monotonic()
+        self.head_at = 0.0
+        self.response_head = b""
+        self.origin_status: int | None = None
+        self.origin_ms: float | None = None
         self._chunked = False
         self._continue_sent = False
         self._body = _BodyReader(conn, head) if (head.chunked or head.content_length) else None
@@ -315,6 +334,8 @@ class Exchange:
         """
         self.status = status
         self.headers_sent = True
+        self.head_at = time.monotonic()
+        self.response_head = head_block
         parts = (status_line(status), head_block, self._connection_field(), b"\r\n")
         if self.no_body or not body:
             data = b"".join(parts)
@@ -337,6 +358,8 @@ class Exchange:
         """Send the response head; the body follows with `write` and ends with `finish`."""
         self.status = status
         self.headers_sent = True
+        self.head_at = time.monotonic()
+        self.response_head = head_block
         extra = b""
         if content_length is None and not self.no_body and status not in (204, 304):
             if self.head.version == 11:
@@ -618,7 +641,7 @@ class HttpConnection(asyncio.Protocol):
             if body is not None and self._buf:
                 rest = body.feed(self._buf)
                 if body.error is not None:
-                    self._refuse(body.error.status, body.error.reason)
+                    self._refuse(body.error.status, body.error.reason, request=head)
                     return
                 self._buf = rest
             if self._buf:
@@ -705,16 +728,38 @@ class HttpConnection(asyncio.Protocol):
         exchange.keep_alive = False
         self._refuse(error.status, error.reason, account=False)
 
-    def _refuse(self, status: int, reason: str, *, account: bool = True) -> None:
+    def _refuse(
+        self,
+        status: int,
+        reason: str,
+        *,
+        account: bool = True,
+        request: RequestHead | None = None,
+    ) -> None:
+        """Answer `status` and close. `account`: no exchange will record it, so record it here
+        (`request`: its head when parsed, else the raw bytes received are logged)."""
         body = (reason + "\n").encode()
-        data = status_line(status) + synth_fields(len(body)) + b"Connection: close\r\n\r\n" + body
+        fields = synth_fields(len(body))
+        data = status_line(status) + fields + b"Connection: close\r\n\r\n" + body
+        server = self._server
         if account:
-            self._server.handler.refused(None, self.peer, status, reason)
-            self._server.meter.record(
-                UNKNOWN_DOMAIN, self._server.clock(), REFUSED, status, len(data), len(body)
-            )
+            server.handler.refused(None, self.peer, status, reason)
+            now = server.clock()
+            server.meter.record(UNKNOWN_DOMAIN, now, REFUSED, status, len(data), len(body))
+            if server.access_log is not None:
+                mono = time.monotonic()
+                started = mono - max(CLOCK.now - self.head_started, 0.0) if self._buf else mono
+                raw = request if request is not None else self._buf[: RAW_URL_MAX + 64]
+                server.access_log.append((
+                    now, mono, started, mono, self.peer, UNKNOWN_DOMAIN, raw, status,
+                    len(data), len(body), "refused", fields, None, None,
+                ))  # fmt: skip
         elif self._exchange is not None:
-            self._exchange.bytes_sent += len(data)  # metered with the exchange it ends
+            exchange = self._exchange
+            exchange.bytes_sent += len(data)  # metered with the exchange it ends
+            exchange.status = status
+            exchange.head_at = time.monotonic()
+            exchange.response_head = fields
         self.write(data)
         self._sent += len(data)
         self.close()
@@ -727,9 +772,10 @@ class HttpConnection(asyncio.Protocol):
             self._cut(ex, self._acked)
         self._sent += ex.bytes_sent
         server = self._server
+        now = server.clock()
         server.meter.record(
             ex.domain,
-            server.clock(),
+            now,
             ex.kind,
             ex.status,
             ex.bytes_sent - ex.metered_sent,
@@ -737,6 +783,13 @@ class HttpConnection(asyncio.Protocol):
         )
         if server.account is not None:
             server.account(ex)
+        if server.access_log is not None:
+            # Raw values only: the log writer formats them off the data path.
+            server.access_log.append((
+                now, time.monotonic(), ex.started, ex.head_at, ex.client_ip, ex.domain, ex.head,
+                ex.status, ex.bytes_sent, ex.body_bytes_sent, ex.outcome, ex.response_head,
+                ex.origin_status, ex.origin_ms,
+            ))  # fmt: skip
 
     def _cut(self, ex: Exchange, acked: int | None) -> None:
         """Reduce `ex`'s counts to what the client acknowledged (all of it when unknown), never
@@ -980,6 +1033,8 @@ class HttpServer:
         self.meter = meter if meter is not None else Meter()
         self.account = account
         self.clock = clock
+        # Where every exchange's access-log entry goes (edge.logwriter); None: not logged.
+        self.access_log: list[Entry] | None = None
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 

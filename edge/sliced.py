@@ -239,7 +239,7 @@ class Slicing(Fills):
         headers["Range"] = f"bytes={start}-{end - 1}"
         request_time = time.time()
         self.stats.origin_fetches += 1
-        resp = await self.origin.open(domain, "GET", ex.head.target, headers)
+        resp = await self.origin.open(domain, "GET", ex.head.target, headers, answer=ex)
         # At the head, as a whole-object fill: a ban issued while the body arrives is newer.
         response_time = time.time()
         try:

@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from typing import Any
 
 import aiohttp
 
+from edge.backoff import retry_rounds
 from edge.files import sync_directory, write_atomically
 from edge.meter import GRACE, Bucket, merge, window_start
 
@@ -299,22 +299,16 @@ class Shipper:
             return await self._round()
 
     async def _run(self) -> None:
-        delay = self._backoff_first
-        while True:
-            self._wake.clear()
-            try:
-                done = await self.flush()
-            except OSError as exc:  # the spool's disk: retried like a failed POST
-                log.error("usage spool: %s", exc)
-                done = False
-            if done:
-                delay = self._backoff_first
-                await self._wake.wait()
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(random.uniform(delay / 2, delay)):
-                    await self._wake.wait()
-            delay = min(delay * 2, self._backoff_max)
+        await retry_rounds(
+            self._attempt, self._wake, first=self._backoff_first, maximum=self._backoff_max
+        )
+
+    async def _attempt(self) -> bool:
+        try:
+            return await self.flush()
+        except OSError as exc:  # the spool's disk: retried like a failed POST
+            log.error("usage spool: %s", exc)
+            return False
 
     async def _round(self) -> bool:
         kept: set[str] = set()  # refused by a 4xx of their own this round

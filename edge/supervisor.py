@@ -53,6 +53,12 @@ until it acknowledges them (`edge.spool.UsageSink`). A graceful stop adds the wo
 usage, seals and ships for up to USAGE_FLUSH_TIMEOUT s; a SIGKILL loses at most the last second
 (the open batch on disk is sealed and shipped by the next start).
 
+Access logs (issue 6). Each worker writes its own hourly files (edge.logwriter, named by its
+slot); the supervisor's `edge.logship.LogShipper` ships the closed ones to the control plane (or,
+without one, deletes them after retention_days), and /readyz reports the workers' log state
+(`edge.logwriter.readiness`, from their stats). A reload that changes [logs] or [control]
+restarts the shipper with the new settings (its counters go on).
+
 Prefetch tasks are fetched here, through the edge's own listener, so that every worker's cache
 rules and the disk tier apply as for any client; all tasks together keep at most
 PREFETCH_CONCURRENCY requests in flight, and a task arriving while PREFETCH_TASKS are admitted
@@ -90,6 +96,8 @@ from edge.access import PREFETCH_HEADER
 from edge.admin import make_admin_app
 from edge.config import ConfigError, ControlSettings, EdgeConfig, parse_config
 from edge.follow import Change, ControlFollower, State
+from edge.logship import LogShipper, log_families
+from edge.logwriter import readiness
 from edge.meter import Bucket
 from edge.metrics import (
     Snapshot,
@@ -389,6 +397,7 @@ class Supervisor:
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_CONCURRENCY)
         self._prefetch_tasks = 0  # admitted, running or waiting for a slot
         self.usage: UsageSink | None = None  # between the start of `_serve` and `_shutdown`
+        self.logs: LogShipper | None = None  # likewise, with [logs] enabled
 
     def add_periodic(self, name: str, interval: float, job: PeriodicJob) -> None:
         """Run `job(supervisor)` every `interval` s while serving (call before `run`).
@@ -435,6 +444,7 @@ class Supervisor:
             log.error("cannot listen on %s:%d (admin): %s", *edge.admin_listen, exc.strerror or exc)
             return 1
         self._start_usage()
+        self._start_logs()
         if self.config.control is not None:
             await self._start_follower(self.config.control, wait=True)
         generation = await self._start_generation(self.config, self._text)
@@ -471,6 +481,8 @@ class Supervisor:
         )
         if self.usage is not None:  # after the workers' final usage
             await self.usage.stop(USAGE_FLUSH_TIMEOUT)
+        if self.logs is not None:
+            await self.logs.stop()
         if self._admin is not None:
             await self._admin.cleanup()
         self.sockets.close()
@@ -493,7 +505,7 @@ class Supervisor:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(SupervisorCollector(self))
         self._admin = web.AppRunner(
-            make_admin_app(registry, self.ready, self.refresh_metrics),
+            make_admin_app(registry, self.ready, self.refresh_metrics, self.readiness_notes),
             access_log=None,
             keepalive_timeout=15,
         )
@@ -507,6 +519,24 @@ class Supervisor:
         current = self.current
         has_state = self.follower is None or self.follower.has_state
         return current is not None and not self._stop.is_set() and current.all_ready() and has_state
+
+    async def readiness_notes(self) -> list[tuple[bool, str]]:
+        """What /readyz adds: the workers' access-log state (asked of them first)."""
+        if not self.config.logs.enabled:
+            return []
+        await self.refresh_metrics()
+        refuse = self.config.logs.on_log_failure == "refuse"
+        return [readiness(self.snapshot(), refuse=refuse)]
+
+    def _start_logs(self, before: LogShipper | None = None) -> None:
+        """The log shipper for the current config; it counts on from `before`'s counters."""
+        if self.config.logs.enabled:
+            root = Path(self.config.edge.state_dir) / "logs"
+            self.logs = LogShipper(root, self.config.logs, self.config.control)
+            if before is not None:
+                self.logs.shipped, self.logs.failures = before.shipped, before.failures
+                self.logs.deleted = before.deleted
+            self.logs.start()
 
     def _start_usage(self) -> None:
         edge, control = self.config.edge, self.config.control
@@ -911,7 +941,7 @@ class Supervisor:
             self.reloads["failed"] += 1
             log.error("reload failed, keeping the running config")
             return
-        old_control = self.config.control
+        old_control, old_logs = self.config.control, self.config.logs
         old, self.current, self.config = self.current, generation, config
         self.reloads["applied"] += 1
         if self.follower is not None and config.control != old_control:
@@ -919,6 +949,11 @@ class Supervisor:
             log.info("reload: [control] changed, reconnecting to %s", config.control.url)
             await self.follower.stop()
             await self._start_follower(config.control, wait=False)
+        if config.logs != old_logs or config.control != old_control:
+            before, self.logs = self.logs, None
+            if before is not None:
+                await before.stop()
+            self._start_logs(before)
         # Fewer workers now: the old workers of the slots that go away hold those sockets alone
         # and close them when they stop accepting, so nothing queues where nobody will accept.
         for slot in self.sockets.slots():
@@ -1020,6 +1055,8 @@ class SupervisorCollector(Collector):
         usage = sup.usage
         if usage is not None:
             yield from usage_families(usage)
+        if sup.logs is not None:
+            yield from log_families(sup.logs)
         follower = sup.follower
         if follower is None:
             return

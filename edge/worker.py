@@ -22,6 +22,12 @@ last interval (and with the supervisor's write every edge.spool.USAGE_TICK s, a 
 the whole edge loses at most 1 s). Requests for unknown hosts (edge.server.UNKNOWN_DOMAIN) are
 in /metrics only: they belong to no customer, and are never sent on. An in-process worker
 (tests, the demo) meters without sending: its `take_usage` is the caller's to call.
+
+Access log (issue 6): with `[logs] enabled`, the worker's `edge.logwriter.AccessLogWriter`
+writes every exchange to state_dir/logs under the worker's slot (0 in-process), started before
+the data path and stopped after it drained. While it cannot write, `on_log_failure = "refuse"`
+swaps the data path's handler for `RefuseWhileLogFails` (503 to every request) until it can;
+"serve" keeps serving. /readyz reports it (`edge.logwriter.readiness`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -47,6 +54,7 @@ from edge.admin import make_admin_app
 from edge.config import EdgeConfig, parse_config
 from edge.controlstate import Applied, ControlState, Purge
 from edge.fetch import OriginClient
+from edge.logwriter import AccessLogWriter, RefuseWhileLogFails, readiness
 from edge.meter import Bucket, Meter
 from edge.metrics import EdgeStats, Snapshot, StatsCollector, worker_snapshot
 from edge.purge import bans_for
@@ -93,6 +101,8 @@ class EdgeWorker:
         accept_settle: float = 0.0,
         control_state: Mapping[str, Any] | None = None,
         flush: bool = False,
+        slot: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`admin`: serve `admin_listen` here (False under the supervisor, which serves it).
 
@@ -102,6 +112,8 @@ class EdgeWorker:
         `control_state`: the control plane's STATE; its domains replace the config's.
         `flush`: purges of it may have been missed (see `replace_state`): at start, nothing
         stored before is served.
+        `slot`: the supervisor's worker slot, which names this worker's access-log files.
+        `clock`: wall time of the data path's meter and access log (tests move it).
         """
         self.config = config
         self.stats = EdgeStats()
@@ -117,7 +129,21 @@ class EdgeWorker:
             send_timeout=config.edge.send_timeout,
             meter=self.meter,
             account=self.proxy.account,
+            clock=clock,
         )
+        self.access_log: AccessLogWriter | None = None
+        if config.logs.enabled:
+            self.access_log = AccessLogWriter(
+                Path(config.edge.state_dir) / "logs",
+                slot,
+                config.edge.edge_id,
+                UNKNOWN_DOMAIN,
+                self.stats,
+                clock=clock,
+                on_change=self._log_failing,
+            )
+            self.server.access_log = self.access_log.entries
+        self._refusal = RefuseWhileLogFails(self.proxy, self._route)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(StatsCollector(self.stats, self.proxy.tiers))
         self._with_admin = admin
@@ -191,6 +217,21 @@ class EdgeWorker:
         self.server.meter_progress()
         return [b for b in self.meter.take_all() if b.domain != UNKNOWN_DOMAIN]
 
+    def _route(self, host: str) -> str | None:
+        domain = self.proxy.config.domain_for_host(host)
+        return domain.name if domain is not None else None
+
+    def _log_failing(self, failing: bool) -> None:
+        if self.config.logs.on_log_failure == "refuse":
+            self.server.handler = self._refusal if failing else self.proxy
+
+    async def readiness_notes(self) -> list[tuple[bool, str]]:
+        """What /readyz adds (edge.admin): the access log's state."""
+        if self.access_log is None:
+            return []
+        refuse = self.config.logs.on_log_failure == "refuse"
+        return [readiness(self.snapshot(), refuse=refuse)]
+
     def snapshot(self) -> Snapshot:
         snap = worker_snapshot(self.stats, self.proxy.tiers)
         if self.control is not None:
@@ -200,6 +241,8 @@ class EdgeWorker:
     async def start(self) -> None:
         await self.origin.start()
         await self.proxy.start()
+        if self.access_log is not None:
+            await self.access_log.start()
         if self._flush_at_start:  # after the bans of before were loaded
             self._purge([(self.config_version, controlstate.EVERYTHING)])
         sock = self._sock
@@ -211,7 +254,9 @@ class EdgeWorker:
         if self._with_admin:
             admin_host, admin_port = self.config.edge.admin_listen
             self._admin = web.AppRunner(
-                make_admin_app(self.registry, lambda: self._ready),
+                make_admin_app(
+                    self.registry, lambda: self._ready, notes=self.readiness_notes
+                ),
                 access_log=None,
                 keepalive_timeout=15,
             )
@@ -242,6 +287,8 @@ class EdgeWorker:
             self.server.stop_accepting()
             await asyncio.sleep(settle)
         await self.server.stop(grace - settle)
+        if self.access_log is not None:
+            await self.access_log.stop()  # every exchange has ended: all of them are written
         await self.proxy.close()
         await self.origin.close()
         if self._admin is not None:
@@ -353,7 +400,7 @@ async def _report_usage(writer: asyncio.StreamWriter, worker: EdgeWorker) -> Non
         await writer.drain()
 
 
-async def run_worker_process(control_fd: int, listen_fd: int) -> None:
+async def run_worker_process(control_fd: int, listen_fd: int, slot: int = 0) -> None:
     """A supervised worker: read its config, serve, answer stats, drain on SIGTERM."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -371,6 +418,7 @@ async def run_worker_process(control_fd: int, listen_fd: int) -> None:
         accept_settle=ACCEPT_SETTLE,
         control_state=hello.get("control"),
         flush=bool(hello.get("flush")),
+        slot=slot,
     )
     worker.proxy.prefetch_secret = str(hello.get("prefetch_secret") or "")
     worker.proxy.on_invalidate = lambda keys: send_message(
@@ -426,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     # they mean (stop, reload) and tells the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    coro = run_worker_process(args.control_fd, args.listen_fd)
+    coro = run_worker_process(args.control_fd, args.listen_fd, args.slot)
     if args.loop == "uvloop":
         import uvloop
 

@@ -18,6 +18,7 @@ from edge.config import (
     DomainConfig,
     EdgeConfig,
     EdgeSettings,
+    LogSettings,
     OriginSettings,
     QueryPolicy,
     load_config,
@@ -170,6 +171,15 @@ def test_defaults() -> None:
     assert domain.query == QueryPolicy("keep_all", ())
 
 
+def test_logs_section() -> None:
+    assert parse(MINIMAL_DOMAIN).logs == LogSettings(True, "serve", 7, 180)
+    text = (
+        "[logs]\nenabled = false\non_log_failure = 'refuse'\nkeep_days = 0\n"
+        "retention_days = 365\n" + MINIMAL_DOMAIN
+    )
+    assert parse(text).logs == LogSettings(False, "refuse", 0, 365)
+
+
 def test_config_is_immutable() -> None:
     config = parse(MINIMAL_DOMAIN)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -187,6 +197,7 @@ def test_example_config_loads_and_documents_defaults() -> None:
     assert config.edge == EdgeSettings()
     assert config.cache == CacheSettings()
     assert config.origin == OriginSettings()
+    assert config.logs == LogSettings()
     (domain,) = config.domains.values()
     assert [rule.kind for rule in domain.rules] == ["suffix", "suffix", "prefix", "path"]
     assert domain.rules[0].slice == 2**20
@@ -197,13 +208,13 @@ def test_example_config_mentions_every_key() -> None:
     text = (CONFIGS / "edge.example.toml").read_text()
     documented = set(re.findall(r"^#?\s*([a-z_]+) = ", text, re.MULTILINE))
     documented |= set(re.findall(r"\b(mode|params) = ", text))
-    documented |= {table for table in ("edge", "cache", "origin") if f"[{table}]" in text}
+    documented |= {table for table in ("edge", "cache", "origin", "logs") if f"[{table}]" in text}
     documented |= {"domains", "rules"} if "[[domains.rules]]" in text else set()
     documented |= {"access"} if "[domains.access." in text else set()
-    settings = (EdgeSettings, CacheSettings, OriginSettings, DomainConfig, QueryPolicy)
+    settings = (EdgeSettings, CacheSettings, OriginSettings, LogSettings, DomainConfig, QueryPolicy)
     keys = {f.name for cls in settings for f in dataclasses.fields(cls)}
     keys |= {"suffix", "prefix", "path", "ttl", "respect_origin", "slice"}
-    keys |= {"edge", "cache", "origin"}
+    keys |= {"edge", "cache", "origin", "logs"}
     keys |= {"domains"}
     assert keys - documented == set()
 
@@ -276,7 +287,8 @@ def test_config_error_parts_and_single_line() -> None:
     [
         (
             "colour = 1\n" + MINIMAL_DOMAIN,
-            "cfg.toml: colour: unknown key (expected one of edge, cache, origin, domains, control)",
+            "cfg.toml: colour: unknown key (expected one of edge, cache, origin, domains, control, "
+            "logs)",
         ),
         ("[edges]\n" + MINIMAL_DOMAIN, "cfg.toml: edges: unknown key (did you mean 'edge'?)"),
         (
@@ -307,7 +319,7 @@ def test_config_error_parts_and_single_line() -> None:
         (
             '"odd key\\n" = 1\n' + MINIMAL_DOMAIN,
             'cfg.toml: "odd key\\n": unknown key '
-            "(expected one of edge, cache, origin, domains, control)",
+            "(expected one of edge, cache, origin, domains, control, logs)",
         ),
     ],
 )
@@ -363,6 +375,26 @@ def test_unknown_keys(text: str, expected: str) -> None:
         (
             "[origin]\nmax_connections = 0\n" + MINIMAL_DOMAIN,
             "cfg.toml: origin.max_connections: 0 is less than 1",
+        ),
+        (
+            "[logs]\non_log_failure = 'drop'\n" + MINIMAL_DOMAIN,
+            "cfg.toml: logs.on_log_failure: 'drop' is not one of serve, refuse",
+        ),
+        (
+            "[logs]\nenabled = 'yes'\n" + MINIMAL_DOMAIN,
+            'cfg.toml: logs.enabled: expected true or false, got string "yes"',
+        ),
+        (
+            "[logs]\nkeep_days = -1\n" + MINIMAL_DOMAIN,
+            "cfg.toml: logs.keep_days: -1 is less than 0",
+        ),
+        (
+            "[logs]\nretention_days = 0\n" + MINIMAL_DOMAIN,
+            "cfg.toml: logs.retention_days: 0 is less than 1",
+        ),
+        (
+            "[logs]\nretention = 5\n" + MINIMAL_DOMAIN,
+            "cfg.toml: logs.retention: unknown key (did you mean 'retention_days'?)",
         ),
         (
             "[edge]\nstate_dir = 1979-05-27\n" + MINIMAL_DOMAIN,
