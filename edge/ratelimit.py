@@ -69,13 +69,16 @@ class RateLimiter:
         key = (domain, client)
         buckets = self._full_at
         interval = 1.0 / limit.rate  # the time one token takes to come back
-        full_at = max(buckets.get(key, now), now) + interval
-        allowed_from = full_at - limit.burst * interval  # when this token is there
+        full_at = max(buckets.get(key, now), now)
+        # Tokens missing now, in seconds: more than burst - 1 of them and none is left. (Not
+        # `full_at + interval - burst * interval > now`: rounding made that true for a bucket
+        # that is full, full_at == now.)
+        short = full_at - now - (limit.burst - 1) * interval
         if key in buckets:
             buckets.move_to_end(key)
-        if allowed_from > now:
-            return max(1, math.ceil(allowed_from - now))
-        buckets[key] = full_at
+        if short > 0:
+            return max(1, math.ceil(short))
+        buckets[key] = full_at + interval
         if len(buckets) > self.max_clients:
             buckets.popitem(last=False)
         return 0

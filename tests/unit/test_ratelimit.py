@@ -90,3 +90,12 @@ def test_pace_without_free_bytes_and_small_rates() -> None:
     assert pace.piece == 4096  # never pieces smaller than 4 KiB
     assert pace.pieces(10_000) == [(0, 4096), (4096, 8192), (8192, 10_000)]
     assert pace.delay(4096, 0.0) == 4.0
+
+
+@pytest.mark.parametrize("limit", [RateLimit(0.01, 1), RateLimit(3.0, 2), RateLimit(1000.0, 50)])
+def test_a_new_client_is_always_admitted_whatever_the_clock_reads(limit: RateLimit) -> None:
+    """Found by the flood test: now + interval - burst * interval was a hair after now for some
+    clock readings (1000.003 with rate 0.01), so a client never seen got 429."""
+    for step in range(20_000):
+        now = 1000.0 + step * 0.001
+        assert RateLimiter().retry_after("d", "192.0.2.1", limit, now) == 0, now
