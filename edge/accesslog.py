@@ -260,7 +260,7 @@ class LineFormatter:
         client = encode_basestring_ascii(client_ip)
         if isinstance(request, RequestHead):
             headers = request.headers
-            target = request.target
+            target = request.received_target or request.target
             url = target.decode("ascii") if target.isascii() else _text(target)
             if routed != self.unknown_domain:
                 directory, domain = routed, f'"{routed}"'  # a DNS name: nothing to escape

@@ -41,7 +41,7 @@ class BadRequest(Exception):
 @dataclass(slots=True)
 class RequestHead:
     method: str
-    target: bytes  # request-target as received (origin-form), never re-quoted
+    target: bytes  # request-target (origin-form), never re-quoted
     version: int  # 10 or 11
     fields: list[tuple[str, str]]  # field lines in order, names as sent (latin-1 decoded)
     headers: dict[str, str]  # lowercase name -> combined value (RFC 9110 5.3)
@@ -50,6 +50,9 @@ class RequestHead:
     content_length: int  # 0 when there is no body; meaningless when chunked
     chunked: bool
     expect_continue: bool
+    # The target as the client sent it, once the admit step replaced `target` (a signed URL's
+    # signature taken off for the origin); None while `target` is what was received.
+    received_target: bytes | None = None
 
     @property
     def path(self) -> str:

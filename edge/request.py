@@ -207,7 +207,7 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
                 self.synth(ex, 429, "too many requests", "refused", extra=extra)
                 return
         if verdict is not None and verdict.strip_origin:
-            head.target = verdict.target
+            head.received_target, head.target = head.target, verdict.target
         if access.speed_limits:
             speed = access.speed_limit(normalize_path(head.path))  # signature already off
             if speed is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,7 +44,12 @@ async def start_edge(tmp_path: Path) -> AsyncIterator[StartEdge]:
     workers: list[EdgeWorker] = []
 
     async def start(
-        origin: str, *, slot: int = 0, clock: Callable[[], float] | None = None, logs: str = ""
+        origin: str,
+        *,
+        slot: int = 0,
+        clock: Callable[[], float] | None = None,
+        logs: str = "",
+        domain_extra: str = "",
     ) -> EdgeWorker:
         text = f"""
 [edge]
@@ -58,6 +64,7 @@ edge_id = "edge-t"
 [[domains]]
 name = "{HOST}"
 origins = ["{origin}"]
+{domain_extra}
 """
         kwargs = {"clock": clock} if clock is not None else {}
         worker = EdgeWorker(parse_config(text, "test.toml"), slot=slot, **kwargs)
@@ -159,6 +166,27 @@ async def test_each_request_gives_one_line_with_its_fields(
     assert fourth.bytes_sent == wire_size(ranged) and fourth.content_type == b"application/x-b"
     assert fifth.user_agent == b'"evil" \\ \xff\xfe caf\xc3\xa9'
     assert (fifth.referer, fifth.url, fifth.cache) == (b"x\x80y", b"/a?q=%22", "uri-miss")
+
+
+async def test_a_signed_url_is_logged_as_the_client_sent_it(
+    start_edge: StartEdge, make_origin: Callable[..., Awaitable[Origin]], tmp_path: Path
+) -> None:
+    """The origin gets the URL without its signature (type A); the log keeps the URL as
+    received, signature included, and refusals too."""
+    origin = await make_origin({"/a": fixed(b"hello\n", {"Cache-Control": "max-age=60"})})
+    signed = '[domains.access.signed_url]\ntype = "A"\nkey = "k3y"\n'
+    edge = await start_edge(origin.url, clock=Clock(H13 + 5), domain_extra=signed)
+    stamp = int(time.time())
+    digest = hashlib.md5(f"/a-{stamp}-0-0-k3y".encode()).hexdigest()
+    target = f"/a?x=1&auth_key={stamp}-0-0-{digest}"
+    assert (await get(edge, target)).status == 200
+    assert (await get(edge, "/a?x=1&auth_key=1-0-0-0")).status == 403
+    assert [r.path_qs for r in origin.requests] == ["/a?x=1"]
+    records = await lines_of(edge, log_dir(tmp_path) / f"{HOUR13}.0.jsonl", 2)
+    assert [(r.status, r.url) for r in records] == [
+        (200, target.encode()),
+        (403, b"/a?x=1&auth_key=1-0-0-0"),
+    ]
 
 
 async def test_refusals_and_unknown_hosts_go_to_underscore(
