@@ -42,13 +42,12 @@ from run import (  # benchmarks/ is on sys.path: this file is a script
     reap_stale_groups,
     self_cpu_seconds,
     wait_until,
+    write_section,
 )
 
 HERE = Path(__file__).resolve().parent
 WORK = OUT / "propagation"
 DOMAIN = "prop.bench.test"
-SECTION_START = "<!-- propagation: written by benchmarks/propagation.py -->"
-SECTION_END = "<!-- /propagation -->"
 TARGET_P99_MS = 50.0
 OP_TIMEOUT = 5.0
 IDLE_SECONDS = 3.0
@@ -400,7 +399,6 @@ def report(
     latencies = [ms for _kind, ms in results]
     written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
-        SECTION_START,
         "## Propagation (issue 4)",
         "",
         f"Written by `benchmarks/propagation.py` on {written}: "
@@ -438,17 +436,8 @@ def report(
     ]
     p99 = percentile(latencies, 0.99)
     verdict = "met" if p99 <= TARGET_P99_MS else "NOT met"
-    lines += ["", f"Target p99 <= {TARGET_P99_MS:.0f} ms: {verdict} ({p99:.1f} ms).", SECTION_END]
-    section = "\n".join(lines)
-    text = results_file.read_text() if results_file.exists() else ""
-    if SECTION_START in text and SECTION_END in text:
-        before, _, rest = text.partition(SECTION_START)
-        _, _, after = rest.partition(SECTION_END)
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    results_file.write_text(text)
-    return section
+    lines += ["", f"Target p99 <= {TARGET_P99_MS:.0f} ms: {verdict} ({p99:.1f} ms)."]
+    return write_section(results_file, "propagation", "\n".join(lines))
 
 
 async def main_async(args: argparse.Namespace) -> int:

@@ -2379,17 +2379,32 @@ def write_results(
     path.write_text("\n".join(lines) + kept_sections(path))
 
 
+# A section another benchmark (propagation.py, logdelay.py) writes into the results file.
+_SECTION = re.compile(r"<!-- ([a-z]+): written by [^>]*-->.*?<!-- /\1 -->", re.S)
+
+
 def kept_sections(path: Path) -> str:
-    """Sections other benchmarks (propagation.py) wrote into the results file: kept as they are."""
+    """Sections other benchmarks wrote into the results file: kept as they are."""
     try:
         text = path.read_text()
     except OSError:
         return ""
-    start = text.find("<!-- propagation:")
-    end = text.find("<!-- /propagation -->")
-    if start < 0 or end < start:
-        return ""
-    return "\n" + text[start : end + len("<!-- /propagation -->")] + "\n"
+    return "".join("\n" + m.group(0) + "\n" for m in _SECTION.finditer(text))
+
+
+def write_section(path: Path, name: str, body: str) -> str:
+    """Put `body` into the results file as benchmarks/`name`.py's section, in place of the one
+    it wrote before (or at the end); returns the section."""
+    start, end = f"<!-- {name}: written by benchmarks/{name}.py -->", f"<!-- /{name} -->"
+    section = f"{start}\n{body}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    old = re.search(re.escape(start) + ".*?" + re.escape(end), text, re.S)
+    if old is not None:
+        text = text[: old.start()] + section + text[old.end() :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+    return section
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ SHIPPED = "shipped"
 # A closed file: hour, and tag (the slot, or "<slot>-<n>" for lines that came after the close).
 CLOSED_NAME = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2})\.(\d+(?:-\d+)?)\.jsonl\.gz")
 _OPEN_NAME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\.(\d+)\.jsonl")
-ORPHAN_AFTER = 300.0  # s after its hour's end, an open file no worker closed is closed for it
+ORPHAN_AFTER = 60.0  # s after its hour's end, an open file no worker closed is closed for it
 _SCAN_BLOCK = 1 << 16
 
 Key = tuple[str, str]  # (domain directory, hour)

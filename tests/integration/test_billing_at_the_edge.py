@@ -71,7 +71,7 @@ class BillingPlane(Plane):
         config = ControlConfig(
             source="test", admin_token=ADMIN, cname_suffix="cdn.test", heartbeat=0.5,
             change_log_keep=3600.0, origin_deny=(),  # the test's origin is on loopback
-            arrears_grace=86400.0, settle_every=30 * 86400.0,
+            arrears_grace=86400.0, settle_every=30 * 86400.0, log_dir=self.log_dir,
         )  # fmt: skip
         self.app = make_app(config, self.engine)
         self.server = TestServer(self.app, host="127.0.0.1", port=self.port)

@@ -998,6 +998,7 @@ async def test_end_to_end_with_the_control_plane(
     config = ControlConfig(
         source="test", admin_token=ADMIN, cname_suffix="cdn.test", heartbeat=0.5,
         change_log_keep=3600.0, origin_deny=(),  # the test's origin is on loopback
+        log_dir=str(tmp_path / "logs"),
     )  # fmt: skip
     server = TestServer(make_app(config, engine), host="127.0.0.1")
     await server.start_server()

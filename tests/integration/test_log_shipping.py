@@ -21,6 +21,7 @@ from aiohttp import web
 
 from edge.config import ControlSettings, LogSettings
 from edge.logship import LOGS_PATH, LogShipper
+from edge.logwriter import ORPHAN_AFTER
 
 TOKEN = "edge-token-123"
 H13 = 1_795_698_000.0  # 2026-11-26T13:00:00 UTC
@@ -278,11 +279,11 @@ async def test_an_hour_no_worker_closes_is_closed_and_shipped(
     directory.mkdir(parents=True)
     (directory / "2026-11-26T12.7.jsonl").write_bytes(b'{"n":1}\n{"n":2}\n{"n"')  # cut short
     (directory / "2026-11-26T13.7.jsonl").write_bytes(b'{"n":3}\n')  # its hour is running
-    clock = Clock(H13 + 299)  # the hour 12 ended at H13: not 5 minutes yet
+    clock = Clock(H13 + ORPHAN_AFTER - 1)  # the hour 12 ended at H13: not orphaned yet
     shipper = shippers(root, control.url, clock=clock)
     await asyncio.sleep(0.2)
     assert shipper.shipped == 0
-    clock.now = H13 + 300
+    clock.now = H13 + ORPHAN_AFTER
     await until(lambda: shipper.shipped == 1)
     stored = control.stored[("a.example.com", "2026-11-26T12", "w7")][1]
     assert gzip.decompress(stored) == b'{"n":1}\n{"n":2}\n'

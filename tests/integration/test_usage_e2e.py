@@ -31,6 +31,7 @@ class Plane:
 
     def __init__(self, tmp: Path) -> None:
         self.db = f"sqlite:///{tmp}/control.db"
+        self.log_dir = str(tmp / "logs")  # edges ship their access logs here
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: TestServer | None = None
@@ -47,6 +48,7 @@ class Plane:
         config = ControlConfig(
             source="test", admin_token=ADMIN, cname_suffix="cdn.test", heartbeat=0.5,
             change_log_keep=3600.0, origin_deny=(),  # the test's origin is on loopback
+            log_dir=self.log_dir,
         )  # fmt: skip
         self.server = TestServer(make_app(config, self.engine), host="127.0.0.1", port=self.port)
         await self.server.start_server()
