@@ -194,6 +194,7 @@ def _print_welcome(config: EdgeConfig, control_url: str, name: str, tokens: Demo
     origin = config.domains[name].origins[0]
     api = f"curl -s -H 'Authorization: Bearer {tokens.account}'"
     op = f"curl -s -H 'Authorization: Bearer {tokens.admin}'"
+    state = config.edge.state_dir
     print(
         f"""
 cdn-edge demo is up.
@@ -218,6 +219,11 @@ Try the control plane (the edge obeys within milliseconds):
   curl -si -H 'Host: {name}' {edge}/img/logo.png | head -1   # 403 while suspended
   {op} -X POST {control_url}/v1/domains/{name}/resume
   curl -s  {admin}/metrics | grep cdn_edge_config_version
+
+Access logs (a line per request; an hour is downloadable a few seconds after it ends):
+  .venv/bin/python -m edge.accesslog {state}/logs/{name}/*.jsonl   # this hour, at the edge
+  {api} '{control_url}/v1/logs?domain={name}'                      # closed hours
+  {api} {control_url}/v1/logs/{name}/YYYY-MM-DDTHH | zcat
 
 Ctrl-C stops it.""",
         flush=True,
