@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
+from cryptography.fernet import Fernet
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -35,6 +36,8 @@ OPERATOR_TOKEN = web.AppKey("operator_token", str)
 FEED = web.AppKey("feed", Feed)
 CNAME_SUFFIX = web.AppKey("cname_suffix", str)
 ORIGIN_DENY = web.AppKey("origin_deny", tuple[Network, ...])
+# The cipher of secrets the control plane reads back (control.cipher); None: no secret_key.
+SECRET_CIPHER: web.AppKey[Fernet | None] = web.AppKey("secret_cipher")
 
 Kind = Literal["public", "operator", "account", "subaccount", "edge"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

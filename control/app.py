@@ -28,14 +28,25 @@ from control import (
     subaccounts,
     usage,
 )
-from control.api import CNAME_SUFFIX, ENGINE, FEED, OPERATOR_TOKEN, ORIGIN_DENY, Handler, Route
+from control.api import (
+    CNAME_SUFFIX,
+    ENGINE,
+    FEED,
+    OPERATOR_TOKEN,
+    ORIGIN_DENY,
+    SECRET_CIPHER,
+    Handler,
+    Route,
+)
 from control.auth import PRINCIPAL, Principal, bearer_token, principal_for
+from control.cipher import fernet
 from control.config import ControlConfig
 from control.db import engine_for, migrate
 from control.feed import Feed
 from control.logstore import LocalLogStore
 from control.problems import Problem
 from control.scheduler import CLOCK, SCHEDULER, Clock, Scheduler
+from control.signing_keys import seal_stored_keys
 
 __all__ = [
     "CNAME_SUFFIX",
@@ -45,6 +56,7 @@ __all__ = [
     "ORIGIN_DENY",
     "RETENTION",
     "ROUTES",
+    "SECRET_CIPHER",
     "errors_and_auth",
     "make_app",
 ]
@@ -111,13 +123,15 @@ def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Ap
     migrates on startup and disposes of on cleanup (tests pass their own, already migrated)."""
     owned = engine is None
     store = engine_for(config.database) if engine is None else engine
-    feed = Feed(store, heartbeat=config.heartbeat, keep=config.change_log_keep)
+    cipher = fernet(config.secret_key)
+    feed = Feed(store, heartbeat=config.heartbeat, keep=config.change_log_keep, cipher=cipher)
     app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY)
     app[ENGINE] = store
     app[OPERATOR_TOKEN] = config.admin_token
     app[CNAME_SUFFIX] = config.cname_suffix
     app[ORIGIN_DENY] = config.origin_deny
     app[FEED] = feed
+    app[SECRET_CIPHER] = cipher
     deliveries = notices.Deliverer(store, config.secret_key, config.origin_deny)
     app[notices.DELIVERIES] = deliveries
     clock = app[CLOCK] = Clock()
@@ -147,6 +161,8 @@ def make_app(config: ControlConfig, engine: AsyncEngine | None = None) -> web.Ap
     async def start(_: web.Application) -> None:
         if owned:
             await migrate(store)
+        # Rows an older version wrote with plaintext signing keys (control.signing_keys).
+        await seal_stored_keys(store, cipher)
         await feed.start()
         await deliveries.start()
         scheduler.start()

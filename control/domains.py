@@ -29,6 +29,7 @@ from control.api import (
     CNAME_SUFFIX,
     OPERATOR,
     ORIGIN_DENY,
+    SECRET_CIPHER,
     RouteTable,
     account_of,
     audit,
@@ -45,6 +46,15 @@ from control.problems import Problem
 from control.rating import Package, may_serve
 from control.scheduler import CLOCK
 from control.schema import account_billing, accounts, domains, iso, packages
+from control.signing_keys import (
+    KEY_FIELD,
+    KEY_FIELDS,
+    MASK,
+    audited,
+    masked,
+    opened,
+    sealed,
+)
 from edge.config import DomainConfig, InvalidValue, QueryPolicy, access_table, parse_domain
 from edge.netguard import Network, deny_reason
 
@@ -87,13 +97,24 @@ def domain_config(parsed: DomainConfig) -> dict[str, Any]:
     return config
 
 
-def audited(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` as the audit log keeps it: signing keys are secrets, never written there."""
-    signed = config.get("access", {}).get("signed_url")
-    if signed is None:
+def stored_config(request: web.Request, parsed: DomainConfig) -> dict[str, Any]:
+    """`domain_config(parsed)` as stored: its signing keys sealed (control.signing_keys); a
+    domain with keys is a 422 naming the key when the operator has set no `secret_key`."""
+    config = domain_config(parsed)
+    if parsed.access is None or parsed.access.signed_url is None:
         return config
-    hidden = {k: "(hidden)" if k in ("key", "secondary_key") else v for k, v in signed.items()}
-    return {**config, "access": {**config["access"], "signed_url": hidden}}
+    for field, key in zip(KEY_FIELDS, parsed.access.signed_url.keys, strict=False):
+        if key == MASK:
+            problem = "is the mask read-only callers see, not a key"
+            raise invalid([{"field": f"access.signed_url.{field}", "problem": problem}])
+    cipher = request.app[SECRET_CIPHER]
+    if cipher is None:
+        raise invalid([{
+            "field": KEY_FIELD,
+            "problem": "signing keys are stored encrypted: the operator must set secret_key "
+            "in the control plane's config first",
+        }])  # fmt: skip
+    return sealed(config, cipher)
 
 
 def validated(table: dict[str, Any], deny: tuple[Network, ...]) -> DomainConfig:
@@ -119,13 +140,21 @@ def change_payload(row: Row[Any]) -> dict[str, Any]:
     return {"name": row.name, "state": row.state, "reason": row.state_reason, "config": row.config}
 
 
-def view(row: Row[Any], cname_suffix: str) -> dict[str, Any]:
+def shown(request: web.Request, row: Row[Any]) -> dict[str, Any]:
+    """The domain as the API answers the caller: its signing keys in plaintext for those who may
+    change the domain (the operator, the account, a sub-account with `domains:write`), masked for
+    the others."""
+    principal = caller(request)
+    if principal.kind == "operator" or principal.allows("domains:write"):
+        config = opened(row.name, row.config, request.app[SECRET_CIPHER], otherwise=MASK)
+    else:
+        config = masked(row.config)
     return {
         "name": row.name,
-        **row.config,
+        **config,
         "state": row.state,
         "reason": row.state_reason,
-        "cname": f"{row.name}.{cname_suffix}",
+        "cname": f"{row.name}.{request.app[CNAME_SUFFIX]}",
         "created_at": iso(row.created_at),
         "updated_at": iso(row.updated_at),
     }
@@ -233,8 +262,7 @@ async def list_domains(request: web.Request) -> web.StreamResponse:
             .order_by(domains.c.name)
         )
         visible = [row for row in rows if principal.sees_domain(row.name)]
-    suffix = request.app[CNAME_SUFFIX]
-    return web.json_response({"domains": [view(row, suffix) for row in visible]})
+    return web.json_response({"domains": [shown(request, row) for row in visible]})
 
 
 @routes.route_with_body(
@@ -257,7 +285,7 @@ async def create_domain(request: web.Request, body: NewDomain) -> web.StreamResp
         raise Problem(
             403, f"this sub-account may not add domains beyond its limit ({parsed.name!r})"
         )
-    config = domain_config(parsed)
+    config = stored_config(request, parsed)
     try:
         async with writing(request) as conn:
             await require_active_account(conn, account_id)
@@ -284,7 +312,7 @@ async def create_domain(request: web.Request, body: NewDomain) -> web.StreamResp
             )
     except IntegrityError:  # registered by a concurrent request since the check
         raise Problem(409, f"domain {parsed.name!r} is already registered") from None
-    response = web.json_response(view(row, request.app[CNAME_SUFFIX]), status=201)
+    response = web.json_response(shown(request, row), status=201)
     response.headers["Location"] = f"/v1/domains/{row.name}"
     return response
 
@@ -300,7 +328,7 @@ async def create_domain(request: web.Request, body: NewDomain) -> web.StreamResp
 async def get_domain(request: web.Request) -> web.StreamResponse:
     async with reading(request) as conn:
         row = await own(conn, caller(request), path_name(request))
-    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+    return web.json_response(shown(request, row))
 
 
 @routes.route_with_body(
@@ -320,7 +348,7 @@ async def update_domain(request: web.Request, body: DomainSettings) -> web.Strea
         _not_terminated(row)
         await require_active_account(conn, row.account_id)
         table = {"name": name, **body.model_dump(exclude_unset=True, exclude_none=True)}
-        config = domain_config(validated(table, request.app[ORIGIN_DENY]))
+        config = stored_config(request, validated(table, request.app[ORIGIN_DENY]))
         await conn.execute(
             update(domains).where(domains.c.id == row.id).values(config=config, updated_at=now())
         )
@@ -329,7 +357,7 @@ async def update_domain(request: web.Request, body: DomainSettings) -> web.Strea
         await audit(
             conn, principal, row.account_id, "domain.update", name, {"config": audited(config)}
         )
-    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+    return web.json_response(shown(request, row))
 
 
 @routes.route(
@@ -399,7 +427,7 @@ async def resume_domain(request: web.Request) -> web.StreamResponse:
             await set_state(conn, row, "active", "")
             await audit(conn, caller(request), row.account_id, "domain.resume", name)
             row = await _reload(conn, name)
-    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+    return web.json_response(shown(request, row))
 
 
 @routes.route_with_body(
@@ -424,4 +452,4 @@ async def _operator_sets(
         await set_state(conn, row, state, reason)
         await audit(conn, caller(request), row.account_id, action, name, {"reason": reason})
         row = await _reload(conn, name)
-    return web.json_response(view(row, request.app[CNAME_SUFFIX]))
+    return web.json_response(shown(request, row))

@@ -4,11 +4,15 @@
 `NOTIFY cdn_changes`, which PostgreSQL delivers at commit to every replica listening (a rolled
 back writer notifies no one).
 
-`Feed` serves `/v1/edge/*` (control/README.md, "The feed"). Each open stream sleeps on an event
-that `Feed.changed()` (a writer in this process) and the LISTEN connection (a writer on another
-replica) wake; it then reads the log after the last version it sent. The log is gap-free and in
-commit order, so "everything after my last version" never skips or reorders a change; a periodic
-re-read at each heartbeat covers a lost notification.
+`Feed` serves `/v1/edge/*` (control/README.md, "The feed"); the domains it sends carry their
+signing keys decrypted (`_domain_state`, `_for_edges`): the only place they leave in plaintext
+besides the answers of the domain API to those who may change them.
+
+Each open stream sleeps on an event that `Feed.changed()` (a writer in this process) and the
+LISTEN connection (a writer on another replica) wake; it then reads the log after the last
+version it sent. The log is gap-free and in commit order, so "everything after my last version"
+never skips or reorders a change; a periodic re-read at each heartbeat covers a lost
+notification.
 
 A stream lives only as long as its token: removing an edge ends its streams in this process at
 once (`end_streams_of`), and every stream checks its token at each heartbeat, which ends the
@@ -28,6 +32,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
+from cryptography.fernet import Fernet
 from sqlalchemy import Row, case, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
@@ -52,6 +57,7 @@ from control.schema import (
     tasks,
     url_blocks,
 )
+from control.signing_keys import opened
 
 NOTIFY_CHANNEL = "cdn_changes"
 
@@ -95,8 +101,9 @@ async def newest_version(conn: AsyncConnection) -> int:
     )
 
 
-async def build_state(conn: AsyncConnection) -> dict[str, Any]:
-    """The whole truth edges enforce (STATE), at the version read with it.
+async def build_state(conn: AsyncConnection, cipher: Fernet | None = None) -> dict[str, Any]:
+    """The whole truth edges enforce (STATE), at the version read with it; signing keys opened
+    with `cipher` (edges get them in plaintext).
 
     Consistent only inside one snapshot: use `read_snapshot`.
     """
@@ -111,19 +118,31 @@ async def build_state(conn: AsyncConnection) -> dict[str, Any]:
     return {
         "version": version,
         "at": iso(at.scalar_one_or_none()),
-        "domains": [_domain_state(r) for r in domain_rows],
+        "domains": [_domain_state(r, cipher) for r in domain_rows],
         "blocks": [
             {"domain": r.domain, "pattern": r.pattern, "reason": r.reason} for r in block_rows
         ],
     }
 
 
-def _domain_state(row: Row[Any]) -> dict[str, Any]:
+def _domain_state(row: Row[Any], cipher: Fernet | None) -> dict[str, Any]:
     """DOMAIN; a terminated domain without its config: edges only answer 404 for it."""
     state = {"name": row.name, "state": row.state, "reason": row.state_reason}
     if row.state != "terminated":
-        state["config"] = row.config
+        state["config"] = opened(row.name, row.config, cipher)
     return state
+
+
+def _for_edges(change: Change, cipher: Fernet | None) -> Change:
+    """`change` as edges get it: a `domain.upsert` with its signing keys opened."""
+    domain = change.payload.get("domain")
+    if change.kind != "domain.upsert" or not isinstance(domain, dict) or "config" not in domain:
+        return change
+    config = opened(domain["name"], domain["config"], cipher)
+    if config is domain["config"]:
+        return change
+    payload = {**change.payload, "domain": {**domain, "config": config}}
+    return dataclasses.replace(change, payload=payload)
 
 
 @contextlib.asynccontextmanager
@@ -236,8 +255,11 @@ def _check_fields(body: dict[str, Any], rules: dict[str, str]) -> None:
 class Feed:
     """Serves the change feed and the other edge endpoints; owns the LISTEN and pruning tasks."""
 
-    def __init__(self, engine: AsyncEngine, *, heartbeat: float, keep: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, heartbeat: float, keep: float, cipher: Fernet | None = None
+    ) -> None:
         self.engine = engine
+        self.cipher = cipher  # opens the signing keys of the domains sent (control.signing_keys)
         self.heartbeat = heartbeat
         self.keep = keep
         # Streams wait on the current event; `changed` sets it and installs a fresh one, so a
@@ -404,7 +426,7 @@ class Feed:
 
     async def _send_snapshot(self, response: web.StreamResponse) -> int:
         async with read_snapshot(self.engine) as conn:
-            state = await build_state(conn)
+            state = await build_state(conn, self.cipher)
         await response.write(_event("snapshot", state["version"], state))
         return int(state["version"])
 
@@ -425,14 +447,15 @@ class Feed:
 
     async def _read(self, last: int) -> list[Change]:
         async with self.engine.connect() as conn:
-            return await changes_since(conn, last, BATCH)
+            batch = await changes_since(conn, last, BATCH)
+        return [_for_edges(change, self.cipher) for change in batch]
 
     # --- the other edge endpoints ---------------------------------------------------------------
 
     async def _snapshot(self, request: web.Request) -> web.Response:
         _edge(request)
         async with read_snapshot(self.engine) as conn:
-            state = await build_state(conn)
+            state = await build_state(conn, self.cipher)
         return web.json_response(state)
 
     async def _ack(self, request: web.Request) -> web.Response:

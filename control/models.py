@@ -245,7 +245,13 @@ class DomainOut(Out):
     origin_host: str | None = None
     rules: list[CacheRuleBody] | None = None
     query: QueryBody | None = None
-    access: dict[str, Any] | None = None
+    access: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "access rules; the signing keys (signed_url.key, secondary_key) in plaintext for "
+            'callers who may change the domain, "********" for read-only ones'
+        ),
+    )
     state: State
     reason: str
     cname: str

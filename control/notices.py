@@ -7,7 +7,6 @@ a webhook, so a notice exists exactly when the write that caused it commits.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import hmac
@@ -21,7 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import InvalidToken
 from pydantic import Field, field_validator
 from sqlalchemy import Row, Select, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -48,6 +47,7 @@ from control.api import (
     writing,
 )
 from control.background import stop_at_safe_point
+from control.cipher import fernet
 from control.db import write_transaction
 from control.models import Body, Out, Url
 from control.problems import Problem
@@ -124,14 +124,6 @@ async def notify(
 # --- webhook secrets -----------------------------------------------------------------------------
 
 
-def _fernet(secret_key: str) -> Fernet | None:
-    """The cipher for webhook secrets, keyed by the operator's `secret_key` (any string of 32+
-    random characters: SHA-256 makes it the 32-byte key Fernet wants); None when unset."""
-    if not secret_key:
-        return None
-    return Fernet(base64.urlsafe_b64encode(hashlib.sha256(secret_key.encode()).digest()))
-
-
 def signature(secret: str, body: bytes) -> str:
     """The `X-CDN-Signature` value: HMAC-SHA256 of the raw body, keyed by the secret's UTF-8."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
@@ -166,7 +158,7 @@ class Deliverer:
         self.deny = deny
         self.poll = poll
         self.backoff = 30.0  # the first retry's delay, doubling; tests shorten it
-        self._fernet = _fernet(secret_key)
+        self._fernet = fernet(secret_key)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._expected: dict[int, float] = {}  # notice id -> loop time to stop hurrying for it

@@ -15,7 +15,8 @@ from pathlib import Path
 def write_atomically(path: Path, data: bytes, *, temp: Path | None = None) -> None:
     """Replace `path` by `data`: a temp file in the same directory (`temp`, or a unique name),
     fsync, rename over, fsync the directory; durable once this returns. OSError on failure,
-    with the temp file removed and `path` as it was."""
+    with the temp file removed and `path` as it was. The file is its owner's only (mode 0600,
+    whatever an older one had): the control state holds the domains' signing keys."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temp or path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:

@@ -511,8 +511,9 @@ async def test_rules_set_through_the_api_are_enforced_by_an_attached_edge(
     tmp_path: Path, make_origin: Any
 ) -> None:
     """control.app on SQLite, `cdn edge` following it: the rules an account sets with the API
-    reach the edge with the domain, and a change to them takes effect within seconds."""
-    plane = Plane(tmp_path)
+    reach the edge with the domain (its signing key, stored encrypted, in plaintext), and a
+    change to them takes effect within seconds."""
+    plane = Plane(tmp_path, secret_key="integration-secret-key-0123456789abcdef")
     await plane.up()
     edge: ControlledEdge | None = None
     try:
@@ -532,6 +533,12 @@ async def test_rules_set_through_the_api_are_enforced_by_an_attached_edge(
 
             ok = await edge.get(sign_a("/v/a.mp4"), HOST)
             assert ok.status == 200 and ok.body == b"/v/a.mp4\n"
+            # The key is encrypted in the control plane's database, in plaintext in the edge's
+            # state file, which only its owner may read.
+            stored = b"".join(p.read_bytes() for p in tmp_path.glob("control.db*"))
+            assert b'"fernet"' in stored and KEY.encode() not in stored
+            saved = edge.state / "control" / "state.json"
+            assert KEY in saved.read_text() and saved.stat().st_mode & 0o777 == 0o600
             refused(await edge.get("/v/a.mp4", HOST), 403, "forbidden: missing signature")
 
             # The edge's own prefetch is not refused by the rules, and its proof of being the

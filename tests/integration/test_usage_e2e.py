@@ -29,9 +29,10 @@ SUSPENDED = "suspended.example.test"
 class Plane:
     """control.app on one SQLite file, which can go down and come back on the same port."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, secret_key: str = "") -> None:
         self.db = f"sqlite:///{tmp}/control.db"
         self.log_dir = str(tmp / "logs")  # edges ship their access logs here
+        self.secret_key = secret_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: TestServer | None = None
@@ -49,6 +50,7 @@ class Plane:
             source="test", admin_token=ADMIN, cname_suffix="cdn.test", heartbeat=0.5,
             change_log_keep=3600.0, origin_deny=(),  # the test's origin is on loopback
             log_dir=self.log_dir,
+            secret_key=self.secret_key,
         )  # fmt: skip
         self.server = TestServer(make_app(config, self.engine), host="127.0.0.1", port=self.port)
         await self.server.start_server()
