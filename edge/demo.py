@@ -68,6 +68,8 @@ async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
         # The demo's origin is on loopback, which the control plane refuses by default.
         origin_deny=(),
         log_dir=str(state_root / "control-logs"),
+        # Encrypts signing keys and webhook secrets; the database is new on every run too.
+        secret_key=secrets.token_urlsafe(32),
     )
     control = web.AppRunner(make_app(control_config), access_log=None)
     edge: asyncio.subprocess.Process | None = None
