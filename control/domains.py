@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy import Row, Table, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -168,6 +168,32 @@ async def set_state(conn: AsyncConnection, row: Row[Any], state: str, reason: st
         .values(state=state, state_reason=reason, updated_at=now())
     )
     await publish(conn, "domain.state", {"name": row.name, "state": state, "reason": reason})
+
+
+async def check_visible(
+    conn: AsyncConnection,
+    principal: Principal,
+    account_id: int,
+    name: str,
+    records: Table,
+) -> None:
+    """404 unless the account owns the domain `name` now or has rows of it in `records` (usage,
+    log pieces: what it was served under a name it no longer owns stays its own), and the caller
+    sees it; worded as for a missing domain, so that it reveals nothing of other accounts."""
+    owned = (
+        await conn.execute(
+            select(domains.c.id).where(domains.c.name == name, domains.c.account_id == account_id)
+        )
+    ).first()
+    recorded = (
+        await conn.execute(
+            select(records.c.domain)
+            .where(records.c.domain == name, records.c.account_id == account_id)
+            .limit(1)
+        )
+    ).first()
+    if not principal.sees_domain(name) or (owned is None and recorded is None):
+        raise Problem(404, f"no domain {name!r}")
 
 
 async def find(conn: AsyncConnection, name: str) -> Row[Any] | None:

@@ -67,6 +67,7 @@ from control.api import (
 from control.auth import Principal
 from control.config import MAX_LOG_DAYS, ControlConfig
 from control.db import write_transaction
+from control.domains import check_visible
 from control.logrules import (
     HOUR,
     UNROUTED,
@@ -358,20 +359,7 @@ async def _reader_account(conn: AsyncConnection, principal: Principal, domain: s
     if principal.kind == "operator":
         return None
     account_id = account_of(principal)
-    owned = (
-        await conn.execute(
-            select(domains.c.id).where(domains.c.name == domain, domains.c.account_id == account_id)
-        )
-    ).first()
-    stored = (
-        await conn.execute(
-            select(log_pieces.c.id)
-            .where(log_pieces.c.domain == domain, log_pieces.c.account_id == account_id)
-            .limit(1)
-        )
-    ).first()
-    if not principal.sees_domain(domain) or (owned is None and stored is None):
-        raise Problem(404, f"no domain {domain!r}")
+    await check_visible(conn, principal, account_id, domain, log_pieces)
     return account_id
 
 

@@ -44,6 +44,7 @@ from control.api import (
 from control.auth import Principal
 from control.db import write_transaction
 from control.digits import parse_digits
+from control.domains import check_visible
 from control.models import Body, Out
 from control.problems import Problem
 from control.rating import (
@@ -446,7 +447,7 @@ async def get_usage(request: web.Request) -> web.StreamResponse:
         intervals = _intervals(q, tz)
         where = [usage.c.account_id == account_id]
         if q.domain is not None:
-            await _visible(conn, principal, account_id, q.domain)
+            await check_visible(conn, principal, account_id, q.domain, usage)
             where.append(usage.c.domain == q.domain)
         elif principal.domains is not None:
             where.append(usage.c.domain.in_(sorted(principal.domains)))
@@ -466,25 +467,6 @@ async def get_usage(request: web.Request) -> web.StreamResponse:
             ],
         }
     )
-
-
-async def _visible(conn: AsyncConnection, principal: Principal, account_id: int, name: str) -> None:
-    """404 unless the account owns `name` now or was served under it, and the caller sees it;
-    worded as for a missing domain so that it reveals nothing about other accounts."""
-    owned = (
-        await conn.execute(
-            select(domains.c.id).where(domains.c.name == name, domains.c.account_id == account_id)
-        )
-    ).first()
-    served = (
-        await conn.execute(
-            select(usage.c.domain)
-            .where(usage.c.domain == name, usage.c.account_id == account_id)
-            .limit(1)
-        )
-    ).first()
-    if not principal.sees_domain(name) or (owned is None and served is None):
-        raise Problem(404, f"no domain {name!r}")
 
 
 async def _slots(

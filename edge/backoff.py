@@ -8,6 +8,8 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 
+import aiohttp
+
 
 async def retry_rounds(
     attempt: Callable[[], Awaitable[bool]],
@@ -34,3 +36,15 @@ async def retry_rounds(
             async with asyncio.timeout(random.uniform(delay / 2, delay)):
                 await wake.wait()
         delay = min(delay * 2, maximum)
+
+
+async def stop_shipping(
+    task: asyncio.Task[None] | None, session: aiohttp.ClientSession | None
+) -> None:
+    """End a shipper's rounds: cancel and await its task, then close its HTTP session."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if session is not None:
+        await session.close()

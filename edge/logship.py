@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import logging
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edge.backoff import retry_rounds
+from edge.backoff import retry_rounds, stop_shipping
 from edge.config import ControlSettings, LogSettings
 from edge.logwriter import CLOSED_NAME, CLOSED_SUFFIX, SHIPPED, close_orphans
 
@@ -133,14 +132,8 @@ class LogShipper:
         )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await stop_shipping(self._task, self._session)
+        self._task, self._session = None, None
 
     def pending_count(self) -> int:
         return len(closed_files(self.root))

@@ -44,7 +44,7 @@ from typing import Any
 
 import aiohttp
 
-from edge.backoff import retry_rounds
+from edge.backoff import retry_rounds, stop_shipping
 from edge.files import sync_directory, write_atomically
 from edge.meter import GRACE, Bucket, merge, window_start
 
@@ -280,14 +280,8 @@ class Shipper:
 
     async def stop(self) -> None:
         """Stop shipping (what is pending stays spooled for the next start)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await stop_shipping(self._task, self._session)
+        self._task, self._session = None, None
 
     def wake(self) -> None:
         """A batch was spooled: ship now rather than at the end of a backoff."""
