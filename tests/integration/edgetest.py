@@ -25,6 +25,16 @@ def http_date(offset: float = 0.0) -> str:
     return formatdate(time.time() + offset, usegmt=True)
 
 
+class Clock:
+    """A wall clock a test sets (`now`), for the edge's `clock=` arguments."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def fixed(
     body: bytes = b"hello\n",
     headers: dict[str, str] | None = None,

@@ -20,20 +20,12 @@ from edge.accesslog import AccessRecord, parse_line
 from edge.config import parse_config
 from edge.worker import EdgeWorker
 from tests.integration.conftest import HOST, Origin
-from tests.integration.edgetest import fixed, send_raw
+from tests.integration.edgetest import Clock, fixed, send_raw
 from tests.rawhttp import RawResponse, read_response, request
 
 H13 = 1_795_698_000.0  # 2026-11-26T13:00:00 UTC
 HOUR13 = "2026-11-26T13"
 HOUR14 = "2026-11-26T14"
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 StartEdge = Callable[..., Awaitable[EdgeWorker]]

@@ -19,7 +19,7 @@ from edge.config import ControlSettings, parse_config
 from edge.logship import LogShipper
 from edge.worker import EdgeWorker
 from tests.integration.conftest import HOST, Origin
-from tests.integration.edgetest import fixed
+from tests.integration.edgetest import Clock, fixed
 from tests.integration.test_supervisor import on_one_loop
 from tests.integration.test_usage_e2e import ADMIN, Plane
 from tests.rawhttp import request
@@ -28,14 +28,6 @@ H13 = 1_795_698_000.0  # 2026-11-26T13:00:00 UTC
 HOUR = "2026-11-26T13"
 RANGE = "from=2026-11-26T13:00:00Z&to=2026-11-26T14:00:00Z"
 ENOUGH = 30.0  # seconds; the issue allows 5 minutes, the shipper scans every 2 s
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @on_one_loop

@@ -10,7 +10,6 @@ import base64
 import gzip
 import hashlib
 import re
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +21,8 @@ from aiohttp import web
 from edge.config import ControlSettings, LogSettings
 from edge.logship import LOGS_PATH, LogShipper
 from edge.logwriter import ORPHAN_AFTER
+from tests.integration.edgetest import Clock
+from tests.integration.test_supervisor import free_port
 
 TOKEN = "edge-token-123"
 H13 = 1_795_698_000.0  # 2026-11-26T13:00:00 UTC
@@ -92,25 +93,11 @@ class ControlPlane:
         return web.Response(status=201)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 async def control() -> AsyncIterator[ControlPlane]:
     plane = ControlPlane(free_port())
     yield plane
     await plane.down()
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

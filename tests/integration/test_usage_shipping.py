@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from edge.meter import GRACE, HIT, MISS, PASS, WINDOW, Bucket, Meter, merge
 from edge.spool import USAGE_PATH, Shipper, Spool
+from tests.integration.test_supervisor import free_port
 
 TOKEN = "edge-token-123"
 EDGE = "edge-1"
@@ -74,12 +74,6 @@ class ControlPlane:
 
     def total(self, name: str) -> int:
         return sum(b[name] for batch in self.batches.values() for b in batch["buckets"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
