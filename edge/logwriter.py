@@ -1,10 +1,10 @@
 """Each worker's access-log writer: the data path's entries to hourly files, off the loop.
 
-The data path (edge.server) appends an `edge.accesslog.Entry` per exchange to
-`AccessLogWriter.entries` and does nothing else. Every FLUSH_INTERVAL s, and once more when the
-worker stops (a graceful stop loses nothing), the writer formats what was collected (on the
-loop, FORMAT_SLICE entries at a time) and hands the lines to a thread (`LogFiles.write`), which
-appends them to
+The data path (edge.server) hands an `edge.accesslog.Entry` per exchange to
+`AccessLogWriter.record`, which makes it a line at once (a line holds nothing the garbage
+collector must follow, unlike the request objects an entry would keep alive until the flush)
+and keeps it. Every FLUSH_INTERVAL s, and once more when the worker stops (a graceful stop loses
+nothing), the writer hands the lines to a thread (`LogFiles.write`), which appends them to
 
     state_dir/logs/<domain>/<YYYY-MM-DDTHH>.<slot>.jsonl   (UTC hour of the line's `time`)
 
@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.accesslog import Entry, LineFormatter
+from edge.accesslog import Entry, Line, LineFormatter
 from edge.files import sync_directory
 from edge.metrics import EdgeStats, Snapshot
 from edge.server import Exchange, Handler, synth_fields
@@ -60,7 +60,6 @@ log = logging.getLogger("edge.logwriter")
 FLUSH_INTERVAL = 0.5
 RETRY_AFTER = 10  # seconds, in the 503 of on_log_failure = "refuse"
 MAX_PENDING_LINES = 50_000  # lines kept in memory while the disk fails (~20 MB)
-FORMAT_SLICE = 256  # entries formatted between two turns of the event loop (~0.3 ms)
 OPEN_SUFFIX = ".jsonl"
 CLOSED_SUFFIX = ".jsonl.gz"
 SHIPPED = "shipped"
@@ -127,22 +126,27 @@ class LogFiles:
     # --- writing --------------------------------------------------------------------------
     def add(self, entries: list[Entry]) -> int:
         """Format `entries` into the lines to write; how many could not be (lost)."""
+        lines: list[Line] = []
         lost = 0
-        pending = self._pending
         for entry in entries:
             try:
-                directory, hour, line = self.formatter.format(entry)
+                lines.append(self.formatter.format(entry))
             except Exception:  # a bug must not stop logging: that line only is lost
                 log.exception("access log: cannot format an entry")
                 lost += 1
-                continue
+        self.add_lines(lines)
+        return lost
+
+    def add_lines(self, lines: list[Line]) -> None:
+        """Take formatted lines to write, each into its directory's file of its hour."""
+        pending = self._pending
+        for directory, hour, line in lines:
             key = (directory, hour)
-            lines = pending.get(key)
-            if lines is None:
+            kept = pending.get(key)
+            if kept is None:
                 pending[key] = [line]
             else:
-                lines.append(line)
-        return lost
+                kept.append(line)
 
     def write(self, entries: list[Entry], now: float) -> WriteResult:
         """Format `entries` (`add`), append every pending line, close ended hours."""
@@ -373,7 +377,7 @@ class AccessLogWriter:
         clock: Callable[[], float] = time.time,
         on_change: Callable[[bool], None] | None = None,
     ) -> None:
-        self.entries: list[Entry] = []  # the data path appends here
+        self.lines: list[Line] = []  # `record` appends here
         self.files = LogFiles(root, slot, LineFormatter(edge_id, unknown_domain))
         self.stats = stats
         self.interval = interval
@@ -382,6 +386,14 @@ class AccessLogWriter:
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()  # one flush at a time: `files` is used by one thread
         self._task: asyncio.Task[None] | None = None
+
+    def record(self, entry: Entry) -> None:
+        """The data path's one call per exchange: its line, kept for the next flush."""
+        try:
+            self.lines.append(self.files.formatter.format(entry))
+        except Exception:  # a bug must not fail the request: that line only is lost
+            log.exception("access log: cannot format an entry")
+            self.stats.log_lines_lost += 1
 
     @property
     def failing(self) -> bool:
@@ -416,16 +428,8 @@ class AccessLogWriter:
     async def flush(self) -> None:
         """Hand what was collected to the thread that writes it; wait for it."""
         async with self._lock:
-            entries = self.entries[:]  # the data path holds this list: emptied, not replaced
-            self.entries.clear()
-            # Formatting is CPU, not I/O: here, in slices between which the loop serves
-            # requests. In the thread it would hold the GIL against the loop, which gives it
-            # up at every system call and then waits for it (the convoy effect).
-            lost = 0
-            for start in range(0, len(entries), FORMAT_SLICE):
-                lost += self.files.add(entries[start : start + FORMAT_SLICE])
-                await asyncio.sleep(0)
-            self.stats.log_lines_lost += lost
+            lines, self.lines = self.lines, []
+            self.files.add_lines(lines)
             writing = asyncio.ensure_future(asyncio.to_thread(self.files.write, [], self.clock()))
             # A disk that hangs (rather than fails) must not let the entries grow unbounded.
             while not (await asyncio.wait({writing}, timeout=self.interval))[0]:
@@ -438,9 +442,9 @@ class AccessLogWriter:
     def _shed(self) -> None:
         """A write still runs after a whole interval: the writer is failing; entries past
         MAX_PENDING_LINES are lost (counted)."""
-        excess = len(self.entries) - MAX_PENDING_LINES
+        excess = len(self.lines) - MAX_PENDING_LINES
         if excess > 0:
-            del self.entries[:excess]
+            del self.lines[:excess]
             self.stats.log_lines_lost += excess
         if not self.stats.log_failure:
             self._set_failure("access log writes stalled (disk not answering)")

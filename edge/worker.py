@@ -142,7 +142,7 @@ class EdgeWorker:
                 clock=clock,
                 on_change=self._log_failing,
             )
-            self.server.access_log = self.access_log.entries
+            self.server.access_log = self.access_log.record
         self._refusal = RefuseWhileLogFails(self.proxy, self._route)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(StatsCollector(self.stats, self.proxy.tiers))
