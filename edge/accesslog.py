@@ -97,17 +97,12 @@ FIELDS = (
 UNROUTED = "_"
 RAW_URL_MAX = 8192
 
-# The request's side of a line, taken from its head as the exchange ends (atoms only: a
-# parsed head, with its dict and list, would stay alive until the flush and cost the garbage
-# collector): method, target as received, HTTP minor version x 10 + 1 (10 or 11), and the
-# Host, Range, Referer and User-Agent fields (None when absent).
-Request = tuple[str, bytes, int, str | None, str | None, str | None, str | None]
-
 # What `edge.server` hands over per exchange, unformatted (raw values, cheap to collect):
 # (end wall time, end monotonic, head-complete monotonic, response-head monotonic or 0.0,
-#  client_ip, routed domain or edge.server.UNKNOWN_DOMAIN, the `Request` or the raw bytes
+#  client_ip, routed domain or edge.server.UNKNOWN_DOMAIN, the parsed head or the raw bytes
 #  of a refused request, status, bytes_sent, body_bytes, cache outcome, the response's header
-#  block (b"" if none), origin_status, origin_ms)
+#  block (b"" if none), origin_status, origin_ms). It is made a line at once, so it keeps
+#  nothing alive.
 Entry = tuple[
     float,
     float,
@@ -115,7 +110,7 @@ Entry = tuple[
     float,
     str,
     str,
-    Request | bytes,
+    RequestHead | bytes,
     int,
     int,
     int,
@@ -128,20 +123,6 @@ Entry = tuple[
 
 # A formatted line: (directory, hour "YYYY-MM-DDTHH", the line with its newline).
 Line = tuple[str, str, bytes]
-
-
-def request_of(head: RequestHead) -> Request:
-    """The `Request` of a parsed head (the target as the client sent it)."""
-    headers = head.headers
-    return (
-        head.method,
-        head.received_target or head.target,
-        head.version,
-        headers.get("host"),
-        headers.get("range"),
-        headers.get("referer"),
-        headers.get("user-agent"),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,10 +245,20 @@ class LineFormatter:
     def format(self, entry: Entry) -> Line:
         (end, end_mono, start_mono, head_mono, client_ip, routed, request, status, sent, body,
          cache, response_head, origin_status, origin_ms) = entry  # fmt: skip
-        time_text, hour = self.stamp(end)
-        content_type = self._content_type(response_head)
-        request_ms = _millis(max(end_mono - start_mono, 0.0))
-        ttfb = _millis(max(head_mono - start_mono, 0.0)) if head_mono else None
+        # Inline rather than through stamp(), _content_type() and _millis(): a call costs as
+        # much as what each does, and this runs for every request.
+        if int(end * 1000) != self._ms:
+            self.stamp(end)
+        time_text, hour = self._time_text, self._hour
+        content_type = self._content_types.get(response_head, False)
+        if content_type is False:
+            content_type = self._content_type(response_head)
+        spent = end_mono - start_mono
+        request_ms = int(spent * 1_000_000) / 1000 if spent > 0 else 0.0
+        ttfb = None
+        if head_mono:
+            spent = head_mono - start_mono
+            ttfb = int(spent * 1_000_000) / 1000 if spent > 0 else 0.0
         if origin_ms is not None:
             origin_ms = int(origin_ms * 1000) / 1000
         if isinstance(request, bytes):  # refused: what could be read of its first line
@@ -277,12 +268,15 @@ class LineFormatter:
                 body, request_ms, ttfb, cache, None, None, None, content_type, origin_status,
                 origin_ms,
             ))  # fmt: skip
-        method, target, version, host, range_, referer, agent = request
+        method, target = request.method, request.received_target or request.target
+        headers = request.headers
+        range_, referer = headers.get("range"), headers.get("referer")
+        agent = headers.get("user-agent")
         domain: str | None = routed
         directory = routed
         if routed == self.unknown_domain:
-            directory, domain = UNROUTED, host
-        protocol = "HTTP/1.1" if version == 11 else "HTTP/1.0"
+            directory, domain = UNROUTED, headers.get("host")
+        protocol = "HTTP/1.1" if request.version == 11 else "HTTP/1.0"
         if (
             target.isascii()
             and (agent is None or agent.isascii())

@@ -1,9 +1,9 @@
 """Each worker's access-log writer: the data path's entries to hourly files, off the loop.
 
 The data path (edge.server) hands an `edge.accesslog.Entry` per exchange to
-`AccessLogWriter.record`, which makes it a line at once (a line holds nothing the garbage
-collector must follow, unlike the request objects an entry would keep alive until the flush)
-and keeps it. Every FLUSH_INTERVAL s, and once more when the worker stops (a graceful stop loses
+`AccessLogWriter.record`, which makes it a line at once and appends it to a buffer per file
+(nothing of the request stays alive until the flush: kept objects cost the garbage collector,
+and fresh memory for each, more than the formatting). Every FLUSH_INTERVAL s, and once more when the worker stops (a graceful stop loses
 nothing), the writer hands the lines to a thread (`LogFiles.write`), which appends them to
 
     state_dir/logs/<domain>/<YYYY-MM-DDTHH>.<slot>.jsonl   (UTC hour of the line's `time`)
@@ -27,7 +27,7 @@ A write that fails (full or failing disk: ENOSPC, EIO, EACCES...) is cut back to
 started; its lines are kept and tried again on every flush, up to MAX_PENDING_LINES in all;
 lines past that, and those still unwritten when the worker stops, are lost and counted
 (`cdn_edge_log_lines_lost_total`). A write that hangs (a disk not answering) makes the writer
-failing too after FLUSH_INTERVAL, and entries collected past MAX_PENDING_LINES meanwhile are
+failing too after FLUSH_INTERVAL, and lines collected past MAX_PENDING_LINES meanwhile are
 lost and counted. A worker killed hard loses what it collected since its last flush (0.5 s).
 While the writer is *failing* (`EdgeStats.log_failure`), what the worker does is
 `[logs] on_log_failure` (edge.worker).
@@ -46,11 +46,11 @@ import re
 import stat
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.accesslog import Entry, Line, LineFormatter
+from edge.accesslog import Entry, LineFormatter
 from edge.files import sync_directory
 from edge.metrics import EdgeStats, Snapshot
 from edge.server import Exchange, Handler, synth_fields
@@ -88,11 +88,12 @@ class LogFiles:
         self.slot = slot
         self.formatter = formatter
         self._open: dict[Key, int] = {}
-        self._pending: dict[Key, list[bytes]] = {}  # formatted, not yet written (failures)
+        # Lines not yet written (each blob whole lines), by file; kept across failed writes.
+        self._pending: dict[Key, list[bytes]] = {}
 
     @property
     def pending_lines(self) -> int:
-        return sum(len(lines) for lines in self._pending.values())
+        return sum(blob.count(b"\n") for blobs in self._pending.values() for blob in blobs)
 
     def _path(self, key: Key) -> Path:
         return self.root / key[0] / f"{key[1]}.{self.slot}{OPEN_SUFFIX}"
@@ -126,27 +127,23 @@ class LogFiles:
     # --- writing --------------------------------------------------------------------------
     def add(self, entries: list[Entry]) -> int:
         """Format `entries` into the lines to write; how many could not be (lost)."""
-        lines: list[Line] = []
+        blobs: dict[Key, bytearray] = {}
         lost = 0
         for entry in entries:
             try:
-                lines.append(self.formatter.format(entry))
+                directory, hour, line = self.formatter.format(entry)
             except Exception:  # a bug must not stop logging: that line only is lost
                 log.exception("access log: cannot format an entry")
                 lost += 1
-        self.add_lines(lines)
+                continue
+            blobs.setdefault((directory, hour), bytearray()).extend(line)
+        self.add_blobs(blobs)
         return lost
 
-    def add_lines(self, lines: list[Line]) -> None:
-        """Take formatted lines to write, each into its directory's file of its hour."""
-        pending = self._pending
-        for directory, hour, line in lines:
-            key = (directory, hour)
-            kept = pending.get(key)
-            if kept is None:
-                pending[key] = [line]
-            else:
-                kept.append(line)
+    def add_blobs(self, blobs: Mapping[Key, bytes | bytearray]) -> None:
+        """Take whole lines to write, by the file (directory, hour) they go to."""
+        for key, blob in blobs.items():
+            self._pending.setdefault(key, []).append(bytes(blob))
 
     def write(self, entries: list[Entry], now: float) -> WriteResult:
         """Format `entries` (`add`), append every pending line, close ended hours."""
@@ -155,13 +152,13 @@ class LogFiles:
         written = 0
         problems: list[str] = []
         for key in sorted(pending, key=lambda k: k[1]):
-            lines = pending[key]
+            data = b"".join(pending[key])
             try:
-                self._append(key, b"".join(lines))
+                self._append(key, data)
             except OSError as exc:
                 problems.append(f"{self._path(key)}: {exc.strerror or exc}")
                 continue
-            written += len(lines)
+            written += data.count(b"\n")
             del pending[key]
         lost += self._bound()
         current = self.formatter.hour(now)
@@ -183,10 +180,10 @@ class LogFiles:
         for key in sorted(self._pending, key=lambda k: k[1]):
             if excess <= 0:
                 break
-            lines = self._pending[key]
-            cut = min(excess, len(lines))
-            del lines[:cut]
-            if not lines:
+            left, cut = drop_lines(b"".join(self._pending[key]), excess)
+            if left:
+                self._pending[key] = [left]
+            else:
                 del self._pending[key]
             excess -= cut
             dropped += cut
@@ -361,6 +358,17 @@ def _compressed_before(fd: int, size: int, directory: Path, hour: str, slot: int
     return False
 
 
+def drop_lines(blob: bytes, count: int) -> tuple[bytes, int]:
+    """`blob` (whole lines) without its first `count` lines, and how many were dropped."""
+    at = 0
+    for dropped in range(count):
+        found = blob.find(b"\n", at)
+        if found < 0:
+            return b"", dropped
+        at = found + 1
+    return blob[at:], count
+
+
 class AccessLogWriter:
     """A worker's writer task (module docstring): owns `files` and its task between `start`
     and `stop`. `on_change(failing)` is called when writing starts or stops failing."""
@@ -377,7 +385,9 @@ class AccessLogWriter:
         clock: Callable[[], float] = time.time,
         on_change: Callable[[bool], None] | None = None,
     ) -> None:
-        self.lines: list[Line] = []  # `record` appends here
+        # What `record` made since the last flush: whole lines by file, and how many.
+        self.blobs: dict[Key, bytearray] = {}
+        self.lines = 0
         self.files = LogFiles(root, slot, LineFormatter(edge_id, unknown_domain))
         self.stats = stats
         self.interval = interval
@@ -390,10 +400,17 @@ class AccessLogWriter:
     def record(self, entry: Entry) -> None:
         """The data path's one call per exchange: its line, kept for the next flush."""
         try:
-            self.lines.append(self.files.formatter.format(entry))
+            directory, hour, line = self.files.formatter.format(entry)
         except Exception:  # a bug must not fail the request: that line only is lost
             log.exception("access log: cannot format an entry")
             self.stats.log_lines_lost += 1
+            return
+        # Appended to a buffer, not kept as an object: the line's memory is reused at once.
+        blob = self.blobs.get((directory, hour))
+        if blob is None:
+            blob = self.blobs[(directory, hour)] = bytearray()
+        blob += line
+        self.lines += 1
 
     @property
     def failing(self) -> bool:
@@ -428,8 +445,8 @@ class AccessLogWriter:
     async def flush(self) -> None:
         """Hand what was collected to the thread that writes it; wait for it."""
         async with self._lock:
-            lines, self.lines = self.lines, []
-            self.files.add_lines(lines)
+            blobs, self.blobs, self.lines = self.blobs, {}, 0
+            self.files.add_blobs(blobs)
             writing = asyncio.ensure_future(asyncio.to_thread(self.files.write, [], self.clock()))
             # A disk that hangs (rather than fails) must not let the entries grow unbounded.
             while not (await asyncio.wait({writing}, timeout=self.interval))[0]:
@@ -442,10 +459,18 @@ class AccessLogWriter:
     def _shed(self) -> None:
         """A write still runs after a whole interval: the writer is failing; entries past
         MAX_PENDING_LINES are lost (counted)."""
-        excess = len(self.lines) - MAX_PENDING_LINES
-        if excess > 0:
-            del self.lines[:excess]
-            self.stats.log_lines_lost += excess
+        excess = self.lines - MAX_PENDING_LINES
+        for key in sorted(self.blobs, key=lambda k: k[1]):
+            if excess <= 0:
+                break
+            left, cut = drop_lines(bytes(self.blobs[key]), excess)
+            if left:
+                self.blobs[key] = bytearray(left)
+            else:
+                del self.blobs[key]
+            self.lines -= cut
+            self.stats.log_lines_lost += cut
+            excess -= cut
         if not self.stats.log_failure:
             self._set_failure("access log writes stalled (disk not answering)")
 

@@ -62,7 +62,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import Protocol, cast
 
-from edge.accesslog import RAW_URL_MAX, Entry, request_of
+from edge.accesslog import RAW_URL_MAX, Entry
 from edge.http1 import (
     BadRequest,
     ChunkedDecoder,
@@ -750,11 +750,7 @@ class HttpConnection(asyncio.Protocol):
             if server.access_log is not None:
                 mono = time.monotonic()
                 started = mono - max(CLOCK.now - self.head_started, 0.0) if self._buf else mono
-                seen = (
-                    request_of(request)
-                    if request is not None
-                    else bytes(self._buf[: RAW_URL_MAX + 64])
-                )
+                seen = request if request is not None else bytes(self._buf[: RAW_URL_MAX + 64])
                 server.access_log((
                     now, mono, started, mono, self.peer, UNKNOWN_DOMAIN, seen, status,
                     len(data), len(body), "refused", fields, None, None,
@@ -792,7 +788,7 @@ class HttpConnection(asyncio.Protocol):
             # Raw values only: the log writer formats them off the data path.
             server.access_log((
                 now, time.monotonic(), ex.started, ex.head_at, ex.client_ip, ex.domain,
-                request_of(ex.head), ex.status, ex.bytes_sent, ex.body_bytes_sent, ex.outcome,
+                ex.head, ex.status, ex.bytes_sent, ex.body_bytes_sent, ex.outcome,
                 ex.response_head, ex.origin_status, ex.origin_ms,
             ))  # fmt: skip
 

@@ -20,9 +20,8 @@ from edge.accesslog import (
     LineFormatter,
     encode_record,
     parse_line,
-    request_of,
 )
-from edge.http1 import RequestHead, parse_head
+from edge.http1 import parse_head
 
 HOSTILE = [
     b'say "hi"',
@@ -174,7 +173,7 @@ def entry(request: object, **over: object) -> Entry:
         head_mono=100.25,
         client_ip="192.0.2.7",
         domain="www.example.com",
-        request=request_of(request) if isinstance(request, RequestHead) else request,
+        request=request,
         status=200,
         sent=300,
         body=100,
