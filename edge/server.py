@@ -277,10 +277,9 @@ class Exchange:
         self.kind = PASS
         self.metered_sent = 0  # bytes already recorded by `HttpServer.meter_progress`
         self.metered_body = 0
-        # Access log (edge.accesslog): who asked, when the head was complete and when the
-        # response head went out (monotonic s; 0.0: not yet), the response's header block (for
-        # its Content-Type, read off the data path), the origin's answer (edge.fetch).
-        self.client_ip = conn.peer
+        # Access log (edge.accesslog): when the head was complete and when the response head
+        # went out (monotonic s; 0.0: not yet), the response's header block (for its
+        # Content-Type), the origin's answer (edge.fetch).
         self.started = time.monotonic()
         self.head_at = 0.0
         self.response_head = b""
