@@ -21,12 +21,19 @@ the glob patterns.
   to its left were written by the client and prove nothing.
 - User agent: glob patterns (`fnmatch`: ``*``, ``?``, ``[...]``), case-insensitive, matched
   against the whole User-Agent value; a missing one is the empty string.
+
+The admit step asks `AccessRules.admit`, which remembers the requests it let through by what the
+rules read of them (the target when URLs are signed, the Referer, the client address, the
+User-Agent), so that the same request again (a player's ranges, a page's reloads) costs one dict
+lookup and the signed URL's expiry check; each rule also remembers its own decisions for the
+requests that differ in another respect.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import math
 import re
 import socket
 from bisect import bisect_right
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edge.ratelimit import RateLimit, SpeedLimit
-from edge.signing import Signed, SignedUrl
+from edge.signing import EXPIRED, Signed, SignedUrl
 
 __all__ = [
     "AccessRules",
@@ -59,6 +66,12 @@ MAX_FORWARDED_HOPS = 16
 # again): at most this many, forgotten all at once when full, and only for values this short.
 MEMO_ENTRIES = 1024
 MEMO_LONGEST = 512
+# Admitted requests (`AccessRules.admit`) are remembered when what the rules read of their
+# target, Referer and User-Agent is at most this long in all.
+ADMITTED_LONGEST = 1024
+# What the rules read of a request: target (signed URLs), Referer, client address, User-Agent;
+# b"", None or "" for what no rule of the domain reads.
+RequestKey = tuple[bytes, str | None, str, str | None]
 
 
 class IpSet:
@@ -328,6 +341,38 @@ class AccessRules:
     user_agent: UserAgentRule | None = None
     rate_limit: RateLimit | None = None
     speed_limits: tuple[SpeedLimit, ...] = ()  # first match wins
+    # Requests let through, with when that verdict expires (a signed URL's expiry, else inf).
+    _admitted: dict[RequestKey, tuple[Signed | None, float]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def admit(
+        self, target: bytes, headers: Mapping[str, str], client: str, now: float
+    ) -> str | Signed | None:
+        """`check` of a request-target as received (``path?query``, ASCII), with the same
+        verdict. A request let through is remembered (at most MEMO_ENTRIES, forgotten all at
+        once when full) by what the rules read of it, with its signed URL's expiry, which is
+        checked every time: the same request again costs a dict lookup."""
+        key = (
+            target if self.signed_url is not None else b"",
+            headers.get("referer") if self.referer is not None else None,
+            client if self.ip is not None else "",
+            headers.get("user-agent") if self.user_agent is not None else None,
+        )
+        memo = self._admitted
+        admitted = memo.get(key)
+        if admitted is None:
+            path, _, query = target.decode("ascii").partition("?")
+            verdict = self.check(path, query, headers, client, now)
+            if isinstance(verdict, str):
+                return verdict
+            admitted = verdict, math.inf if verdict is None else verdict.expires
+            if len(key[0]) + len(key[1] or "") + len(key[3] or "") <= ADMITTED_LONGEST:
+                if len(memo) >= MEMO_ENTRIES:
+                    memo.clear()
+                memo[key] = admitted
+        verdict, expires = admitted
+        return EXPIRED if now > expires else verdict
 
     def check(
         self, path: str, query: str, headers: Mapping[str, str], client: str, now: float

@@ -3,7 +3,8 @@
 key = domain + normalised path + the query parameters the domain's query policy keeps, never
 those of a signed URL's signature (`edge.signing`: every signature of one object shares its
 stored copy; a signed path's prefix is taken off by the admit step). The origin still gets the
-path and query as the client sent them; only the key is normalised.
+path and query as the client sent them; only the key is normalised. A request the admit step
+let in by a signed URL it remembers takes its key from that URL's memo (`signed_cache_key`).
 Vary (RFC 9111 4.1) is the second half of the key and lives with the stored variants
 (`edge.store`).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from string import ascii_letters, digits, hexdigits
 
 from edge.config import DomainConfig, QueryPolicy
+from edge.signing import Signed
 
 _UNRESERVED = frozenset(ascii_letters + digits + "-._~")  # RFC 3986 2.3
 _HEX = frozenset(hexdigits)
@@ -66,3 +68,16 @@ def cache_key(domain: DomainConfig, path: str, query: str) -> str:
             query = "&".join(p for p in query.split("&") if _param_name(p) not in signature)
     kept = key_query(domain.query, query)
     return f"{domain.name}{path}?{kept}" if kept else f"{domain.name}{path}"
+
+
+def signed_cache_key(domain: DomainConfig, signed: Signed) -> tuple[str, str]:
+    """The normalised path and the cache key of a request of `domain` whose target is now
+    `signed.target` (the admit step took its signature off), as `normalize_path` and
+    `cache_key` make them; remembered with `signed`, which the access rules remember, so that
+    the same signed URL again costs an identity check."""
+    entry = signed.cache_entry
+    if entry is None or entry[0] is not domain:
+        path = normalize_path(signed.path)
+        entry = (domain, path, cache_key(domain, path, signed.query))
+        object.__setattr__(signed, "cache_entry", entry)  # a memo; the rest stays frozen
+    return entry[1], entry[2]

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 # RFC 9110 5.6.2 tchar
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-# Visible ASCII only in the request-target (RFC 3986 characters; RFC 9112 3.2).
-_TARGET_OK = frozenset(range(0x21, 0x7F))
+# Visible ASCII only in the request-target (RFC 3986 characters; RFC 9112 3.2). Checked with
+# bytes.translate, which deletes these in C: a signed URL's long query costs no loop per byte.
+_TARGET_OK = bytes(range(0x21, 0x7F))
 
 _VERSION_SHAPE = re.compile(rb"HTTP/[0-9]\.[0-9]")
 
@@ -100,11 +101,11 @@ def parse_head(raw: bytes) -> RequestHead:
         raw = raw[skip_empty_lines(raw) :]
     text = raw[:-4]
     # RFC 9110 5.5: no CR, LF or NUL inside a line. Checked once for the whole head: every CR
-    # and every LF must belong to a CRLF line break.
-    crlf = text.count(b"\r\n")
+    # and every LF must belong to a CRLF line break (the split counts those).
+    lines = text.split(b"\r\n")
+    crlf = len(lines) - 1
     if b"\x00" in text or text.count(b"\r") != crlf or text.count(b"\n") != crlf:
         raise BadRequest("invalid character in request head")
-    lines = text.split(b"\r\n")
     request_line = lines[0]
     parts = request_line.split(b" ")
     if len(parts) != 3:
@@ -122,7 +123,7 @@ def parse_head(raw: bytes) -> RequestHead:
         version = 11  # RFC 9110 2.5: a higher minor version is served as the highest we know
     else:
         raise BadRequest("HTTP version not supported", 505)
-    if not target or not _TARGET_OK.issuperset(target):
+    if not target or target.translate(None, _TARGET_OK):
         raise BadRequest("malformed request target")
     method = method_b.decode("ascii")
 

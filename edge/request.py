@@ -41,7 +41,7 @@ from cachetools import TTLCache
 
 from edge import policy
 from edge.access import PREFETCH_HEADER, AccessRules, client_ip, rate_key
-from edge.cachekey import cache_key, normalize_path
+from edge.cachekey import cache_key, normalize_path, signed_cache_key
 from edge.config import CacheRule, DomainConfig, EdgeConfig
 from edge.controlstate import ControlState, Gate
 from edge.deliver import Delivery, _closing
@@ -55,6 +55,7 @@ from edge.policy import RequestDirectives
 from edge.purge import NEVER, Ban, BanKeeper, BanList
 from edge.ratelimit import RateLimiter
 from edge.server import Exchange, synth_fields
+from edge.signing import Signed
 from edge.sliced import Slice, Slicing
 from edge.store import CachedObject, MemoryTier
 from edge.tiers import Tiers
@@ -178,26 +179,29 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
             ex.send(200, synth_fields(0) + ALLOW_ALL, b"")
             ex.set_outcome("bypass")
             return None
-        if access is not None and not self._prefetch(head.headers):
-            self.admit(ex, domain.name, access)
+        signed = None  # what a signed URL was let in as (its cache key is remembered with it)
+        if access is not None and not (
+            _PREFETCH_FIELD in head.headers and self._prefetch(head.headers)  # rare: no call else
+        ):
+            signed = self.admit(ex, domain.name, access)
             if ex.finished:
                 return None  # refused
         if head.method not in ("GET", "HEAD"):
             return self.pass_to_origin(ex, domain, "method")
-        return self.lookup(ex, domain)
+        return self.lookup(ex, domain, signed)
 
     # admit (access rules) --------------------------------------------------------------
-    def admit(self, ex: Exchange, domain: str, access: AccessRules) -> None:
+    def admit(self, ex: Exchange, domain: str, access: AccessRules) -> Signed | None:
         """The domain's access rules in order (`edge.access`); a refusal is answered here (the
         exchange is then finished). A signed request of type A, B or C goes on without its
-        signature (`head.target` replaced: the origin never sees it); the cache key never
-        holds a signature (`edge.cachekey`)."""
+        signature (`head.target` replaced: the origin never sees it), and its verdict is
+        returned, for the lookup step to take the cache key from; the cache key never holds a
+        signature (`edge.cachekey`)."""
         head = ex.head
-        path, _, query = head.target.decode("ascii").partition("?")
-        verdict = access.check(path, query, head.headers, ex.client_ip, time.time())
+        verdict = access.admit(head.target, head.headers, ex.client_ip, time.time())
         if isinstance(verdict, str):
             self.synth(ex, 403, f"forbidden: {verdict}", "refused")
-            return
+            return None
         limit = access.rate_limit
         if limit is not None:
             who = rate_key(ex.client_ip)
@@ -205,13 +209,16 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
             if wait:
                 extra = b"Retry-After: %d\r\n" % wait
                 self.synth(ex, 429, "too many requests", "refused", extra=extra)
-                return
-        if verdict is not None and verdict.strip_origin:
-            head.received_target, head.target = head.target, verdict.target
+                return None
+        # D: the request goes on as sent, signature and all.
+        stripped = verdict if verdict is not None and verdict.strip_origin else None
+        if stripped is not None:
+            head.received_target, head.target = head.target, stripped.target
         if access.speed_limits:
             speed = access.speed_limit(normalize_path(head.path))  # signature already off
             if speed is not None:
                 ex.pace = speed.pace()
+        return stripped
 
     def _prefetch(self, headers: Mapping[str, str]) -> bool:
         """Whether the request is the supervisor's prefetch (it proves it with its secret)."""
@@ -221,9 +228,17 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
         return hmac.compare_digest(sent.encode(), self.prefetch_secret.encode())
 
     # lookup --------------------------------------------------------------------------
-    def lookup(self, ex: Exchange, domain: DomainConfig) -> Awaitable[None] | None:
+    def lookup(
+        self, ex: Exchange, domain: DomainConfig, signed: Signed | None = None
+    ) -> Awaitable[None] | None:
+        """`signed`: what the admit step let the request in as (its target is `signed.target`
+        now); its path and cache key are remembered with it (`edge.cachekey.signed_cache_key`)."""
         head = ex.head
-        path = normalize_path(head.path)
+        if signed is None:
+            path = normalize_path(head.path)
+            key = cache_key(domain, path, head.query)
+        else:
+            path, key = signed_cache_key(domain, signed)
         rule = domain.rule_for(path) if domain.rules else None
         if rule is not None and rule.ttl == 0:
             return self.pass_to_origin(ex, domain, "bypass")
@@ -233,7 +248,6 @@ class EdgeProxy(Slicing, Fills, Passing, Delivery):
             if "cache-control" in fields or "pragma" in fields
             else NO_DIRECTIVES
         )
-        key = cache_key(domain, path, head.query)
         obj, why = self.tiers.lookup(key, fields)
         if obj is None:
             if req.only_if_cached:

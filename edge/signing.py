@@ -23,7 +23,9 @@ signature of one object shares one stored copy; the origin does not see it eithe
 C (for D it does: Tencent forwards it, and an origin may check it again).
 
 A URL that verified is remembered per rule with its expiry (at most MEMO_ENTRIES of them), so
-that a player's many range requests for one signed URL cost a dict lookup, not an MD5 per key.
+that a player's many range requests for one signed URL cost a dict lookup, not an MD5 per key;
+the expiry is checked on every request. `edge.access.AccessRules.admit` remembers whole
+admitted requests on top of this (the signed URL with the referer and client it came with).
 """
 
 from __future__ import annotations
@@ -59,19 +61,25 @@ _TOKEN = re.compile(r"[^-&]{1,64}")
 @dataclass(frozen=True, slots=True)
 class Signed:
     """A request whose signature checked out: the path and query without the signature (for the
-    cache key, and for the origin request when `strip_origin`)."""
+    cache key, and for the origin request when `strip_origin`), and the Unix time after which
+    its URL is expired (`SignedUrl.check` refuses it from then on)."""
 
     path: str
     query: str
     strip_origin: bool
+    expires: int = field(default=0, compare=False)
     target: bytes = field(init=False, repr=False, compare=False)  # path?query, for the origin
+    # The lookup step's memo (`edge.cachekey.signed_cache_key`), not part of the value: the
+    # domain config it is for, the normalised path, the cache key.
+    cache_entry: tuple[object, str, str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         target = f"{self.path}?{self.query}" if self.query else self.path
         object.__setattr__(self, "target", target.encode("ascii"))
 
 
-Verified = tuple[Signed, int]  # a request that verified, and when its URL expires
 MEMO_ENTRIES = 1024  # verified URLs remembered per rule, forgotten all at once when full
 MEMO_LONGEST = 1024  # longer URLs are not remembered
 
@@ -87,7 +95,7 @@ class SignedUrl:
     time_param: str = ""  # C (query form), D: the time parameter
     form: Literal["path", "query"] = "path"  # C only
     time_format: Literal["dec", "hex"] = "dec"  # D only
-    _verified: dict[str, Verified] = field(
+    _verified: dict[str, Signed] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     # The query parameters that carry the signature: never part of the cache key.
@@ -122,8 +130,7 @@ class SignedUrl:
                 if len(self._verified) >= MEMO_ENTRIES:
                     self._verified.clear()
                 self._verified[target] = verified
-        signed, expires = verified
-        return EXPIRED if now > expires else signed
+        return EXPIRED if now > verified.expires else verified
 
     def resource_path(self, path: str) -> str:
         """The path a request names once its signature prefix is taken off (B, C path form),
@@ -137,7 +144,7 @@ class SignedUrl:
 
     # --- the schemes ---------------------------------------------------------------------------
 
-    def _check_a(self, path: str, query: str) -> Verified | str:
+    def _check_a(self, path: str, query: str) -> Signed | str:
         found = _take_params(query, (self.param,))
         if isinstance(found, str):
             return found
@@ -154,11 +161,9 @@ class SignedUrl:
         ):
             return MALFORMED
         signed = f"{path}-{timestamp}-{rand}-{uid}-"
-        return self._verdict(
-            [signed + key for key in self.keys], sent, int(timestamp), Signed(path, rest, True)
-        )
+        return self._verdict([signed + key for key in self.keys], sent, int(timestamp), path, rest)
 
-    def _check_b(self, path: str, query: str) -> Verified | str:
+    def _check_b(self, path: str, query: str) -> Signed | str:
         parts = path.split("/", 3)
         if len(parts) != 4 or parts[0]:
             return MISSING
@@ -177,10 +182,11 @@ class SignedUrl:
             [key + minute + resource for key in self.keys],
             sent,
             int(start.timestamp()),
-            Signed(resource, query, True),
+            resource,
+            query,
         )
 
-    def _check_c_path(self, path: str, query: str) -> Verified | str:
+    def _check_c_path(self, path: str, query: str) -> Signed | str:
         parts = path.split("/", 3)
         if len(parts) != 4 or parts[0]:
             return MISSING
@@ -192,10 +198,11 @@ class SignedUrl:
             [key + resource + hex_time for key in self.keys],
             sent,
             int(hex_time, 16),
-            Signed(resource, query, True),
+            resource,
+            query,
         )
 
-    def _check_query_pair(self, path: str, query: str) -> Verified | str:
+    def _check_query_pair(self, path: str, query: str) -> Signed | str:
         """C in query form and D: a hash parameter and a time parameter."""
         found = _take_params(query, (self.param, self.time_param))
         if isinstance(found, str):
@@ -208,11 +215,15 @@ class SignedUrl:
             [key + path + time_text for key in self.keys],
             sent,
             int(time_text, 16 if hex_time else 10),
-            Signed(path, rest, self.kind == "C"),
+            path,
+            rest,
         )
 
-    def _verdict(self, inputs: list[str], sent: str, start: int, signed: Signed) -> Verified | str:
-        """`signed` with its expiry when `sent` is the MD5 of one of `inputs`, else BAD."""
+    def _verdict(
+        self, inputs: list[str], sent: str, start: int, path: str, query: str
+    ) -> Signed | str:
+        """The request as `path` and `query` without its signature, valid from `start` for
+        `ttl` seconds, when `sent` is the MD5 of one of `inputs`; else BAD."""
         sent = sent.lower()
         matched = False
         for text in inputs:  # every key, whichever matches: the time taken says nothing
@@ -220,7 +231,8 @@ class SignedUrl:
             matched |= hmac.compare_digest(expected, sent)
         if not matched:
             return BAD
-        return signed, start + self.ttl
+        # A, B and C keep the signature from the origin; D forwards it (as Tencent does).
+        return Signed(path, query, self.kind != "D", start + self.ttl)
 
 
 def _take_params(query: str, names: tuple[str, ...]) -> tuple[tuple[str, ...], str] | str:

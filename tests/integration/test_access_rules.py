@@ -114,6 +114,38 @@ async def test_type_a_hits_one_entry_and_hides_the_signature(
     assert origin.hits == {"/v/a.mp4": 1}
 
 
+async def test_a_remembered_signed_url_hits_and_still_expires(
+    make_origin: Any, make_edge: EdgeFactory
+) -> None:
+    """The same request again (a player's ranges) is let in from the rules' memory and takes
+    its cache key from it: the same answers as the first time, and refused once the URL
+    expires, whatever was remembered; another referer or client is checked anew."""
+    origin = await origin_with(make_origin, "/v/a.mp4")
+    edge = await make_edge(
+        [origin.url],
+        domain_extra=signed_domain("A")
+        + '[domains.access.referer]\nallow = ["*.example.test"]\nallow_empty = false\n'
+        + '[domains.access.ip]\nallow = ["127.0.0.0/8"]',
+    )
+    # Valid for two or three seconds more (ttl 1800 s by default).
+    target = sign_a("/v/a.mp4", ts=int(time.time()) - 1798).replace("?", "?x=1&")
+    ok = {"Referer": "http://www.example.test/"}
+    first = await get(edge, target, ok)
+    assert first.status == 200 and first.body == b"/v/a.mp4?x=1\n"
+    for _ in range(3):
+        again = await get(edge, target, ok)
+        assert again.status == 200 and cs_params(again).get("hit") is True
+        assert again.body == first.body
+        refused(await get(edge, target, {"Referer": "http://leech.test/"}), 403,
+                "forbidden: referer not allowed")
+    assert origin.hits == {"/v/a.mp4": 1}
+    assert [r.query_string for r in origin.requests] == ["x=1"]
+    expires = int(target.split("auth_key=")[1].split("-")[0]) + 1800
+    await asyncio.sleep(max(0.0, expires + 0.1 - time.time()))
+    refused(await get(edge, target, ok), 403, "forbidden: expired signature")
+    assert origin.hits == {"/v/a.mp4": 1}
+
+
 async def test_type_a_keeps_other_parameters_for_the_origin(
     make_origin: Any, make_edge: EdgeFactory
 ) -> None:

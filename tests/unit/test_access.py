@@ -290,3 +290,60 @@ def test_referer_memo_is_bounded_and_consistent() -> None:
     long_referer = "http://ok.test/" + "a" * 100_000
     assert rule.allows(long_referer) is True
     assert long_referer not in rule._memo
+
+
+def test_admit_gives_the_verdict_of_check_also_when_remembered() -> None:
+    import hashlib
+
+    from edge.access import MEMO_ENTRIES
+
+    rules = AccessRules(
+        signed_url=SignedUrl("A", ("k",), 60, param="auth_key"),
+        referer=RefererRule("allow", ("ok.test",), allow_empty=False),
+        ip=IpRule("allow", IpSet(["198.51.100.0/24"])),
+        user_agent=UserAgentRule("deny", ("bot*",)),
+    )
+    sign = hashlib.md5(b"/f-1000-0-0-k").hexdigest()
+    query = f"v=2&auth_key=1000-0-0-{sign}"
+    good = {"referer": "http://ok.test/", "user-agent": "player"}
+    requests = [
+        ("/f", query, good, "198.51.100.1", 1000),
+        ("/f", query, good, "198.51.100.1", 1060),  # the last second of the URL
+        ("/f", query, good, "198.51.100.1", 1061),  # expired, though let through before
+        ("/f", query, {**good, "referer": "http://no.test/"}, "198.51.100.1", 1000),
+        ("/f", query, {"user-agent": "player"}, "198.51.100.1", 1000),
+        ("/f", query, good, "192.0.2.1", 1000),
+        ("/f", query, {**good, "user-agent": "bot/1"}, "198.51.100.1", 1000),
+        ("/g", query, good, "198.51.100.1", 1000),  # the signature is /f's
+        ("/f", "v=2", good, "198.51.100.1", 1000),
+        ("/f", query.replace(sign, sign.upper()), good, "198.51.100.1", 1000),
+    ]
+    for _ in range(2):  # the second round from memory where the first let a request through
+        for path, q, headers, client, now in requests:
+            target = f"{path}?{q}".encode()
+            verdict = rules.admit(target, headers, client, now)
+            assert verdict == rules.check(path, q, headers, client, now)
+    assert rules.admit(f"/f?{query}".encode(), good, "198.51.100.1", 1000) == Signed(
+        "/f", "v=2", True
+    )
+    assert rules.admit(f"/f?{query}".encode(), good, "198.51.100.1", 1061) == "expired signature"
+    # Bounded: a flood of referers is remembered up to MEMO_ENTRIES, a long one not at all.
+    target = f"/f?{query}".encode()
+    for n in range(3 * MEMO_ENTRIES):
+        referer = {"referer": f"http://ok.test/{n}"}
+        assert isinstance(rules.admit(target, referer, "198.51.100.1", 1000), Signed)
+    assert len(rules._admitted) <= MEMO_ENTRIES
+    long_agent = {**good, "user-agent": "a" * 100_000}
+    assert isinstance(rules.admit(target, long_agent, "198.51.100.1", 1000), Signed)
+    assert all(key[3] != long_agent["user-agent"] for key in rules._admitted)
+
+
+def test_admit_remembers_only_what_the_rules_read() -> None:
+    rules = AccessRules(ip=IpRule("deny", IpSet(["192.0.2.0/24"])))
+    for n in range(100):  # no signed URLs: the target and the Referer make no difference
+        headers = {"referer": f"http://r{n}.test/"}
+        assert rules.admit(f"/f{n}?a={n}".encode(), headers, "198.51.100.1", n) is None
+        assert rules.admit(f"/f{n}".encode(), headers, "192.0.2.7", n) == (
+            "client address not allowed"
+        )
+    assert len(rules._admitted) == 1

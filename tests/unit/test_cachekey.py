@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from edge.access import AccessRules
-from edge.cachekey import cache_key, key_query, normalize_path
+from edge.cachekey import cache_key, key_query, normalize_path, signed_cache_key
 from edge.config import DomainConfig, QueryPolicy
-from edge.signing import SignedUrl
+from edge.signing import Signed, SignedUrl
 
 KEEP_ALL = QueryPolicy()
 IGNORE = QueryPolicy("ignore_all")
@@ -76,3 +76,26 @@ def test_cache_key_never_holds_a_signature(signed: SignedUrl, query: str, kept: 
     """Issue 7: every signature of one object shares its stored copy (edge.signing)."""
     domain = DomainConfig("a.test", ("http://o",), access=AccessRules(signed_url=signed))
     assert cache_key(domain, "/x", query) == ("a.test/x?" + kept if kept else "a.test/x")
+
+
+@pytest.mark.parametrize("policy", [KEEP_ALL, IGNORE, KEEP_A, DROP_UTM])
+@pytest.mark.parametrize(
+    ("path", "query"), [("/x", ""), ("/%61pi/x", "a=1&utm=2&b"), ("/x", "auth_key=1")]
+)
+def test_signed_cache_key_is_the_key_of_the_stripped_target(
+    policy: QueryPolicy, path: str, query: str
+) -> None:
+    """What the lookup step gets from a signed URL's memo is what it would compute from the
+    target the admit step left (`Signed.target`), for each domain config it is asked for."""
+    signed = Signed(path, query, True, 1000)
+    rules = AccessRules(signed_url=SignedUrl("A", ("k",), param="auth_key"))
+    for domain in (
+        DomainConfig("a.test", ("http://o",), query=policy, access=rules),
+        DomainConfig("b.test", ("http://o",), query=policy, access=rules),  # another config
+    ):
+        head_path, _, head_query = signed.target.decode().partition("?")
+        expected = normalize_path(head_path)
+        expected_key = cache_key(domain, expected, head_query)
+        assert signed_cache_key(domain, signed) == (expected, expected_key)
+        assert signed_cache_key(domain, signed) == (expected, expected_key)  # remembered
+        assert expected_key.startswith(domain.name)

@@ -216,7 +216,8 @@ def test_a_remembered_url_still_expires_and_memory_is_bounded() -> None:
 
     rule = type_a(KEY, ttl=60)
     query = a_url("/f", 1000)
-    assert isinstance(rule.check("/f", query, 1000), Signed)
+    signed = rule.check("/f", query, 1000)
+    assert isinstance(signed, Signed) and signed.expires == 1060
     assert isinstance(rule.check("/f", query, 1060), Signed)  # remembered
     assert rule.check("/f", query, 1061) == EXPIRED
     assert rule.check("/g", query, 1000) == BAD  # remembered for /f only
