@@ -3,8 +3,9 @@
 The data path (edge.server) hands an `edge.accesslog.Entry` per exchange to
 `AccessLogWriter.record`, which makes it a line at once and appends it to a buffer per file
 (nothing of the request stays alive until the flush: kept objects cost the garbage collector,
-and fresh memory for each, more than the formatting). Every FLUSH_INTERVAL s, and once more when the worker stops (a graceful stop loses
-nothing), the writer hands the lines to a thread (`LogFiles.write`), which appends them to
+and fresh memory for each, more than the formatting). Every FLUSH_INTERVAL s, and once more
+when the worker stops (a graceful stop loses nothing), the writer hands the lines to a thread
+(`LogFiles.write`), which appends them to
 
     state_dir/logs/<domain>/<YYYY-MM-DDTHH>.<slot>.jsonl   (UTC hour of the line's `time`)
 
