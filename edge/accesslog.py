@@ -175,11 +175,6 @@ def _header_text(value: str | None) -> str | None:
     return value.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
-def _millis(seconds: float) -> float:
-    """Milliseconds with at most 3 decimals, as JSON writes them (truncated to the µs)."""
-    return int(seconds * 1_000_000) / 1000
-
-
 def _exact_line(values: tuple[object, ...]) -> bytes:
     """A line whose strings may stand for any bytes (lone surrogate escapes included)."""
     return (json.dumps(values, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
@@ -245,8 +240,8 @@ class LineFormatter:
     def format(self, entry: Entry) -> Line:
         (end, end_mono, start_mono, head_mono, client_ip, routed, request, status, sent, body,
          cache, response_head, origin_status, origin_ms) = entry  # fmt: skip
-        # Inline rather than through stamp(), _content_type() and _millis(): a call costs as
-        # much as what each does, and this runs for every request.
+        # Inline rather than through stamp() and _content_type(): a call costs as much as
+        # what each does, and this runs for every request (milliseconds: truncated to the µs).
         if int(end * 1000) != self._ms:
             self.stamp(end)
         time_text, hour = self._time_text, self._hour
