@@ -51,6 +51,9 @@ class RequestHead:
     content_length: int  # 0 when there is no body; meaningless when chunked
     chunked: bool
     expect_continue: bool
+    # Every byte of the head is ASCII: field values (decoded as latin-1) are their bytes' text
+    # as they are (the access log then needs no per-field check).
+    ascii: bool
     # The target as the client sent it, once the admit step replaced `target` (a signed URL's
     # signature taken off for the origin); None while `target` is what was received.
     received_target: bytes | None = None
@@ -198,6 +201,7 @@ def parse_head(raw: bytes) -> RequestHead:
         content_length=content_length,
         chunked=chunked,
         expect_continue=expect_continue,
+        ascii=text.isascii(),
     )
 
 

@@ -1,7 +1,7 @@
 """Each worker's access-log writer: the data path's entries to hourly files, off the loop.
 
-The data path (edge.server) hands an `edge.accesslog.Entry` per exchange to
-`AccessLogWriter.record`, which makes it a line at once and appends it to a buffer per file
+The data path (edge.server) hands each exchange as it ends to `AccessLogWriter.record`,
+which makes it a line at once and appends it to a buffer per file
 (nothing of the request stays alive until the flush: kept objects cost the garbage collector,
 and fresh memory for each, more than the formatting). Every FLUSH_INTERVAL s, and once more
 when the worker stops (a graceful stop loses nothing), the writer hands the lines to a thread
@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.accesslog import Entry, LineFormatter
+from edge.accesslog import Entry, Exchanged, LineFormatter
 from edge.files import sync_directory
 from edge.metrics import EdgeStats, Snapshot
 from edge.server import Exchange, Handler, synth_fields
@@ -132,7 +132,7 @@ class LogFiles:
         lost = 0
         for entry in entries:
             try:
-                directory, hour, line = self.formatter.format(entry)
+                directory, hour, line = self.formatter.format(*entry)
             except Exception:  # a bug must not stop logging: that line only is lost
                 log.exception("access log: cannot format an entry")
                 lost += 1
@@ -389,6 +389,9 @@ class AccessLogWriter:
         # What `record` made since the last flush: whole lines by file, and how many.
         self.blobs: dict[Key, bytearray] = {}
         self.lines = 0
+        self._last_directory: str | None = None  # the key of the last line's buffer
+        self._last_hour: str | None = None
+        self._last_blob = bytearray()
         self.files = LogFiles(root, slot, LineFormatter(edge_id, unknown_domain))
         self.stats = stats
         self.interval = interval
@@ -398,20 +401,36 @@ class AccessLogWriter:
         self._lock = asyncio.Lock()  # one flush at a time: `files` is used by one thread
         self._task: asyncio.Task[None] | None = None
 
-    def record(self, entry: Entry) -> None:
-        """The data path's one call per exchange: its line, kept for the next flush."""
+    def record(self, end: float, end_mono: float, ex: Exchanged) -> None:
+        """The data path's one call per exchange, as it ends (at `end`, wall clock, and
+        `end_mono`, monotonic): its line, kept for the next flush."""
         try:
-            directory, hour, line = self.files.formatter.format(entry)
+            directory, hour, line = self.files.formatter.format(end, end_mono, ex)
         except Exception:  # a bug must not fail the request: that line only is lost
             log.exception("access log: cannot format an entry")
             self.stats.log_lines_lost += 1
             return
         # Appended to a buffer, not kept as an object: the line's memory is reused at once.
+        # The last line's buffer is found by identity (the same strings: the routed domain,
+        # the formatter's hour of the second), cheaper than a tuple key's hash each time.
+        if directory is self._last_directory and hour is self._last_hour:
+            self._last_blob += line
+        else:
+            self._buffer(directory, hour).extend(line)
+        self.lines += 1
+
+    def _buffer(self, directory: str, hour: str) -> bytearray:
         blob = self.blobs.get((directory, hour))
         if blob is None:
             blob = self.blobs[(directory, hour)] = bytearray()
-        blob += line
-        self.lines += 1
+        self._last_directory, self._last_hour, self._last_blob = directory, hour, blob
+        return blob
+
+    def _take_blobs(self) -> dict[Key, bytearray]:
+        """What `record` collected since the last call; the buffers start over."""
+        blobs, self.blobs, self.lines = self.blobs, {}, 0
+        self._last_directory = self._last_hour = None
+        return blobs
 
     @property
     def failing(self) -> bool:
@@ -446,8 +465,7 @@ class AccessLogWriter:
     async def flush(self) -> None:
         """Hand what was collected to the thread that writes it; wait for it."""
         async with self._lock:
-            blobs, self.blobs, self.lines = self.blobs, {}, 0
-            self.files.add_blobs(blobs)
+            self.files.add_blobs(self._take_blobs())
             writing = asyncio.ensure_future(asyncio.to_thread(self.files.write, [], self.clock()))
             # A disk that hangs (rather than fails) must not let the entries grow unbounded.
             while not (await asyncio.wait({writing}, timeout=self.interval))[0]:
@@ -461,6 +479,7 @@ class AccessLogWriter:
         """A write still runs after a whole interval: the writer is failing; entries past
         MAX_PENDING_LINES are lost (counted)."""
         excess = self.lines - MAX_PENDING_LINES
+        self._last_directory = self._last_hour = None  # buffers below may be replaced
         for key in sorted(self.blobs, key=lambda k: k[1]):
             if excess <= 0:
                 break

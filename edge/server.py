@@ -25,9 +25,9 @@ recorded as it goes (`HttpServer.meter_progress`, every second), so a long trans
 into the 5-minute window in which they were sent; the request itself counts where it ends.
 
 Access log (issue 6): at the same place, every exchange (and every refusal before one) is
-handed to `HttpServer.access_log` as an `edge.accesslog.Entry`, a tuple of raw values;
-`edge.logwriter` makes it a line there (one orjson call) and writes the lines in the background:
-no I/O here.
+handed to `HttpServer.access_log` with its end times (the exchange itself: the line is read off
+it, an `edge.accesslog.Exchanged`); `edge.logwriter` makes it a line there (one orjson call) and
+writes the lines in the background: no I/O here.
 
 Bytes sent: the status line, header block, framing and body bytes handed to the kernel for
 the client's socket. A response cut short because the client went away (it closed or reset the
@@ -62,7 +62,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import Protocol, cast
 
-from edge.accesslog import RAW_URL_MAX, Entry
+from edge.accesslog import RAW_URL_MAX, Ended, Exchanged
 from edge.http1 import (
     BadRequest,
     ChunkedDecoder,
@@ -750,9 +750,9 @@ class HttpConnection(asyncio.Protocol):
                 mono = time.monotonic()
                 started = mono - max(CLOCK.now - self.head_started, 0.0) if self._buf else mono
                 seen = request if request is not None else bytes(self._buf[: RAW_URL_MAX + 64])
-                server.access_log((
-                    now, mono, started, mono, self.peer, UNKNOWN_DOMAIN, seen, status,
-                    len(data), len(body), "refused", fields, None, None,
+                server.access_log(now, mono, Ended(
+                    started, mono, self.peer, UNKNOWN_DOMAIN, seen, status, len(data),
+                    len(body), "refused", fields, None, None,
                 ))  # fmt: skip
         elif self._exchange is not None:
             exchange = self._exchange
@@ -784,12 +784,7 @@ class HttpConnection(asyncio.Protocol):
         if server.account is not None:
             server.account(ex)
         if server.access_log is not None:
-            # Raw values only: the log writer formats them off the data path.
-            server.access_log((
-                now, time.monotonic(), ex.started, ex.head_at, ex.client_ip, ex.domain,
-                ex.head, ex.status, ex.bytes_sent, ex.body_bytes_sent, ex.outcome,
-                ex.response_head, ex.origin_status, ex.origin_ms,
-            ))  # fmt: skip
+            server.access_log(now, time.monotonic(), ex)
 
     def _cut(self, ex: Exchange, acked: int | None) -> None:
         """Reduce `ex`'s counts to what the client acknowledged (all of it when unknown), never
@@ -1034,7 +1029,7 @@ class HttpServer:
         self.account = account
         self.clock = clock
         # Where every exchange's access-log entry goes (edge.logwriter); None: not logged.
-        self.access_log: Callable[[Entry], None] | None = None
+        self.access_log: Callable[[float, float, Exchanged], None] | None = None
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from edge.accesslog import (
     FIELDS,
     UNROUTED,
     AccessRecord,
+    Ended,
     Entry,
     LineFormatter,
     encode_record,
@@ -166,24 +168,24 @@ T = 1_795_698_301.123456  # 2026-11-26T13:05:01.123 UTC
 
 
 def entry(request: object, **over: object) -> Entry:
-    values: dict[str, object] = dict(
+    values: dict[str, Any] = dict(
         end=T,
         end_mono=100.5,
-        start_mono=100.0,
-        head_mono=100.25,
+        started=100.0,
+        head_at=100.25,
         client_ip="192.0.2.7",
         domain="www.example.com",
-        request=request,
+        head=request,
         status=200,
-        sent=300,
-        body=100,
-        cache="hit",
+        bytes_sent=300,
+        body_bytes_sent=100,
+        outcome="hit",
         response_head=b"Content-Length: 100\r\nContent-Type: text/html\r\n",
         origin_status=None,
         origin_ms=None,
     )
     values.update(over)
-    return tuple(values.values())  # type: ignore[return-value]
+    return values.pop("end"), values.pop("end_mono"), Ended(**values)
 
 
 def test_formatter_takes_hostile_request_headers_byte_for_byte() -> None:
@@ -197,7 +199,7 @@ def test_formatter_takes_hostile_request_headers_byte_for_byte() -> None:
         + b"\r\nRange: bytes=5-\r\n\r\n"
     )
     directory, hour, line = LineFormatter("e1", "-").format(
-        entry(head, origin_status=200, origin_ms=3.25)
+        *entry(head, origin_status=200, origin_ms=3.25)
     )
     assert (directory, hour) == ("www.example.com", "2026-11-26T13")
     rec = parse_line(line)
@@ -213,7 +215,7 @@ def test_formatter_takes_hostile_request_headers_byte_for_byte() -> None:
 def test_formatter_unrouted_goes_to_underscore_with_the_host() -> None:
     head = parse_head(b"GET / HTTP/1.0\r\nHost: Other.Example:8080\r\n\r\n")
     directory, _, line = LineFormatter("e1", "-").format(
-        entry(head, domain="-", status=404, cache="refused", head_mono=0.0, response_head=b"")
+        *entry(head, domain="-", status=404, outcome="refused", head_at=0.0, response_head=b"")
     )
     assert directory == UNROUTED
     rec = parse_line(line)
@@ -227,7 +229,7 @@ def test_formatter_unrouted_goes_to_underscore_with_the_host() -> None:
 
 def test_formatter_refused_raw_request_keeps_its_bytes() -> None:
     raw = b'GET /\xff"bad\\ HTTP/1.1\r\nHost: x\r\n'
-    _, _, line = LineFormatter("e1", "-").format(entry(raw, domain="-", status=400))
+    _, _, line = LineFormatter("e1", "-").format(*entry(raw, domain="-", status=400))
     rec = parse_line(line)
     assert (rec.method, rec.url, rec.protocol, rec.domain) == (
         b"GET",
@@ -235,10 +237,10 @@ def test_formatter_refused_raw_request_keeps_its_bytes() -> None:
         "HTTP/1.1",
         None,
     )
-    _, _, line = LineFormatter("e1", "-").format(entry(b"\x00\x01garbage", status=400))
+    _, _, line = LineFormatter("e1", "-").format(*entry(b"\x00\x01garbage", status=400))
     rec = parse_line(line)
     assert (rec.method, rec.url, rec.protocol) == (b"\x00\x01garbage", None, None)
-    _, _, line = LineFormatter("e1", "-").format(entry(b"", status=408))
+    _, _, line = LineFormatter("e1", "-").format(*entry(b"", status=408))
     assert parse_line(line).method is None
 
 
@@ -250,7 +252,7 @@ def test_ascii_values_take_the_fast_path_and_round_trip(value: bytes) -> None:
         b"GET /x HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: " + value.replace(b"\x00", b"")
         + b"\r\nReferer: " + value.replace(b"\x00", b"") + b"\r\n\r\n"
     )  # fmt: skip
-    line = LineFormatter("e1", "-").format(entry(head))[2]
+    line = LineFormatter("e1", "-").format(*entry(head))[2]
     assert line.isascii() and line.count(b"\n") == 1
     rec = parse_line(line)
     sent = head.headers["user-agent"].encode("latin-1")  # as the edge parsed it (OWS off)
@@ -266,7 +268,7 @@ def test_content_type_from_any_position_and_case() -> None:
         (b"X-Content-Type: no\r\nCONTENT-TYPE: c/d; charset=\xff\r\n", b"c/d; charset=\xff"),
         (b"X-Content-Type: no\r\n", None),
     ]:
-        rec = parse_line(fmt.format(entry(head, response_head=block))[2])
+        rec = parse_line(fmt.format(*entry(head, response_head=block))[2])
         assert rec.content_type == expected
 
 
@@ -274,8 +276,8 @@ def test_hour_follows_each_line_time() -> None:
     fmt = LineFormatter("e1", "-")
     head = parse_head(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     boundary = 1_795_701_600.0  # 2026-11-26T14:00:00 UTC
-    before = fmt.format(entry(head, end=boundary - 0.001))
-    after = fmt.format(entry(head, end=boundary))
+    before = fmt.format(*entry(head, end=boundary - 0.001))
+    after = fmt.format(*entry(head, end=boundary))
     assert before[1] == "2026-11-26T13" and after[1] == "2026-11-26T14"
     assert json.loads(before[2])[0] == "2026-11-26T13:59:59.999+00:00"
     assert json.loads(after[2])[0] == "2026-11-26T14:00:00.000+00:00"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge import logwriter
-from edge.accesslog import Entry, LineFormatter, parse_line
+from edge.accesslog import Ended, Entry, LineFormatter, parse_line
 from edge.http1 import parse_head
 from edge.logwriter import AccessLogWriter, LogFiles, readiness
 from edge.metrics import EdgeStats, Snapshot
@@ -24,8 +24,9 @@ D = "www.example.com"
 
 def entry(at: float, n: int, domain: str = D) -> Entry:
     head = parse_head(f"GET /{n} HTTP/1.1\r\nHost: {domain}\r\n\r\n".encode())
-    return (at, 1.0, 0.5, 0.75, "192.0.2.1", domain, head, 200, 100, 10, "hit",
-            b"Content-Type: text/plain\r\n", None, None)  # fmt: skip
+    ended = Ended(0.5, 0.75, "192.0.2.1", domain, head, 200, 100, 10, "hit",
+                  b"Content-Type: text/plain\r\n", None, None)  # fmt: skip
+    return at, 1.0, ended
 
 
 def files(tmp_path: Path, slot: int = 0) -> LogFiles:
@@ -192,7 +193,7 @@ async def test_writer_flushes_in_the_background_and_everything_at_stop(tmp_path:
         on_change=changes.append,
     )
     await writer.start()
-    writer.record(entry(H13 + 1, 1))
+    writer.record(*entry(H13 + 1, 1))
     hour_file = tmp_path / "logs" / D / "2026-11-26T13.2.jsonl"
     for _ in range(100):
         if hour_file.exists():
@@ -201,7 +202,7 @@ async def test_writer_flushes_in_the_background_and_everything_at_stop(tmp_path:
     assert urls(hour_file.read_bytes()) == [b"/1"]
     hour_file.unlink()
     hour_file.symlink_to("/dev/full")
-    writer.record(entry(H13 + 2, 2))
+    writer.record(*entry(H13 + 2, 2))
     for _ in range(100):
         if changes:
             break
@@ -213,7 +214,7 @@ async def test_writer_flushes_in_the_background_and_everything_at_stop(tmp_path:
             break
         await asyncio.sleep(0.02)
     assert changes == [True, False] and not writer.failing
-    writer.record(entry(H13 + 3, 3))
+    writer.record(*entry(H13 + 3, 3))
     await writer.stop()  # no wait: stop writes what is left
     assert urls(hour_file.read_bytes()) == [b"/2", b"/3"]
     assert (stats.log_lines_written, stats.log_lines_lost) == (3, 0)
@@ -246,11 +247,11 @@ async def test_a_disk_that_hangs_makes_the_writer_failing_and_bounds_memory(
     drain = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
         for n in range(1000):
-            writer.record(entry(H13 + 1, n))  # ~300 KiB: blocks
+            writer.record(*entry(H13 + 1, n))  # ~300 KiB: blocks
         await asyncio.sleep(0.3)
         assert changes == [True] and "stalled" in stats.log_failure
         for n in range(25):
-            writer.record(entry(H13 + 1, n))
+            writer.record(*entry(H13 + 1, n))
         for _ in range(100):
             if stats.log_lines_lost == 15:
                 break
