@@ -8,9 +8,14 @@ its `day_settlements` row, bill lines, package remainders, balance and penalty t
 Decisions where the agreement and the issue leave a choice:
 - Idempotence lives in `day_settlements`: under the account's row lock the next day to settle is
   the one after the last settled, so settling a day twice changes nothing; the record kept there
-  (`rating.DayRecord` with the day's charge mode) is what `rating.adjust_day` needs to charge usage
-  that arrives late as adjustment lines exactly once. Late usage is looked for in the last
-  `ADJUST_DAYS` days.
+  (`rating.DayRecord` with the day's charge mode and the price list's rates it was settled
+  under) is what `rating.adjust_day` needs to charge usage that arrives late as adjustment lines
+  exactly once, at the day's own rates: a price-list change applies to days settled after it.
+  Late usage is looked for in the last `rating.ADJUST_DAYS` days (older: rating decision 9).
+- Penalty (7.5, rating decision 6): an adjustment that raises an earlier day's charge does not
+  recompute the penalties charged since. 7.5 charges a penalty on "the unpaid amount for each
+  day on which unpaid amount exists"; late usage was not billed, so not unpaid, on those days.
+  From its adjustment on, the raised debt counts for the next days' penalties.
 - Billing starts on the billing day (account zone) the operator set the account's terms.
 - A package's price is paid from the balance when it is granted (4.1: service begins after
   payment; 5.1 packages are prepaid), as a `package_purchase` line; a grant whose price exceeds
@@ -46,7 +51,7 @@ import asyncio
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -103,9 +108,6 @@ log = logging.getLogger("control.billing")
 ARREARS = "arrears: "
 """Prefix of the reason of domains suspended for arrears: only those resume on payment."""
 
-ADJUST_DAYS = 62
-"""How far back late usage is looked for: an edge offline for a month, and the month before."""
-
 NOTICE_PERIOD = timedelta(days=30)  # 5.5: "30 days in advance"
 EXPIRY_NOTICE = timedelta(days=7)  # issue #5: "package expiring in 7 days"
 ARREARS_GRACE = timedelta(hours=24)
@@ -131,8 +133,9 @@ class DayCharge:
     def line(self) -> str:
         if self.charge_fen is None:
             return f"account {self.account_id}: {self.day} not settled (not ended or not billed)"
+        what = "adjustment" if self.adjustment else "charge"
         return (
-            f"account {self.account_id}: {self.day} charge {self.charge_fen} fen, "
+            f"account {self.account_id}: {self.day} {what} {self.charge_fen} fen, "
             f"balance {self.balance_fen} fen"
         )
 
@@ -176,12 +179,25 @@ async def _settling(
     changed()
 
 
-def _price_list(row: Any) -> rating.PriceList:
+def _price_list(rates: Mapping[Any, Any]) -> rating.PriceList:
+    """A `price_lists` row's rates, or their copy in a day's record (`_rates_json`)."""
     tiers = tuple(
         rating.TrafficTier(tier["up_to_gb"], Decimal(tier["fen_per_gb"]))
-        for tier in row.traffic_tiers
+        for tier in rates["traffic_tiers"]
     )
-    return rating.PriceList(tiers, Decimal(row.fen_per_mbps_day), int(row.gb_bytes))
+    return rating.PriceList(tiers, Decimal(rates["fen_per_mbps_day"]), int(rates["gb_bytes"]))
+
+
+def _rates_json(prices: rating.PriceList) -> dict[str, Any]:
+    """The rates as a `price_lists` row holds them (decimal strings), for `_price_list`."""
+    return {
+        "traffic_tiers": [
+            {"up_to_gb": tier.up_to_gb, "fen_per_gb": format(tier.fen_per_gb, "f")}
+            for tier in prices.traffic_tiers
+        ],
+        "fen_per_mbps_day": format(prices.fen_per_mbps_day, "f"),
+        "gb_bytes": prices.gb_bytes,
+    }
 
 
 async def _load(conn: AsyncConnection, account_id: int, *, lock: bool = True) -> _Account | None:
@@ -225,7 +241,7 @@ async def _load(conn: AsyncConnection, account_id: int, *, lock: bool = True) ->
         state=row.state,
         state_reason=row.state_reason,
         terms=rating.AccountTerms(row.billing, row.charge_by, row.timezone),
-        prices=_price_list(row),
+        prices=_price_list(row._mapping),
         price_list=row.price_list,
         balance_fen=int(row.balance_fen),
         penalty_accrued_fen=int(row.penalty_accrued_fen),
@@ -268,9 +284,12 @@ async def _store_packages(
             )
 
 
-def _record_json(record: rating.DayRecord, charge_by: rating.ChargeBy) -> dict[str, Any]:
+def _record_json(
+    record: rating.DayRecord, charge_by: rating.ChargeBy, prices: rating.PriceList
+) -> dict[str, Any]:
     return {
         "charge_by": charge_by,
+        "prices": _rates_json(prices),
         "usage": [[b.start.isoformat(), b.bytes_sent] for b in record.usage],
         "consumed": [[pid, n] for pid, n in record.consumed],
         "uncovered_bytes": record.uncovered_bytes,
@@ -278,7 +297,10 @@ def _record_json(record: rating.DayRecord, charge_by: rating.ChargeBy) -> dict[s
     }
 
 
-def _record_of(day: date, data: dict[str, Any]) -> tuple[rating.DayRecord, rating.ChargeBy]:
+def _record_of(
+    day: date, data: dict[str, Any]
+) -> tuple[rating.DayRecord, rating.ChargeBy, rating.PriceList | None]:
+    """The day's record, charge mode and rates (None: settled before rates were recorded)."""
     record = rating.DayRecord(
         day=day,
         usage=tuple(rating.Bucket(datetime.fromisoformat(s), int(n)) for s, n in data["usage"]),
@@ -287,7 +309,8 @@ def _record_of(day: date, data: dict[str, Any]) -> tuple[rating.DayRecord, ratin
         peak_bucket_bytes=int(data["peak_bucket_bytes"]),
     )
     charge_by: rating.ChargeBy = "bandwidth" if data["charge_by"] == "bandwidth" else "traffic"
-    return record, charge_by
+    prices = _price_list(data["prices"]) if "prices" in data else None
+    return record, charge_by, prices
 
 
 def _buckets(points: list[tuple[datetime, int]]) -> tuple[rating.Bucket, ...]:
@@ -433,7 +456,7 @@ async def _settle_day(
         insert(day_settlements).values(
             account_id=account.id,
             day=day,
-            record=_record_json(result.record, account.terms.charge_by),
+            record=_record_json(result.record, account.terms.charge_by, account.prices),
             settled_at=at,
         )
     )
@@ -456,7 +479,11 @@ async def _adjust_day(
             )
         )
     ).scalar_one()
-    record, charge_by = _record_of(day, data)
+    record, charge_by, prices = _record_of(day, data)
+    if prices is None:
+        # Settled before records kept their rates: the current list is the best there is (and
+        # is recorded below, so that later adjustments of the day agree with this one).
+        prices = account.prices
     start, end = rating.day_bounds(day, account.terms.timezone)
     usage = _buckets(await usage_points(conn, account.id, start, end))
     if _usage_map(usage) == _usage_map(record.usage):
@@ -465,7 +492,7 @@ async def _adjust_day(
     month = await _month_billable(conn, account.id, day, through_month=True)
     result = rating.adjust_day(
         replace(account.terms, charge_by=charge_by),
-        account.prices,
+        prices,
         record,
         usage,
         _state(account, month, pkgs),
@@ -473,7 +500,7 @@ async def _adjust_day(
     await conn.execute(
         update(day_settlements)
         .where(day_settlements.c.account_id == account.id, day_settlements.c.day == day)
-        .values(record=_record_json(result.record, charge_by))
+        .values(record=_record_json(result.record, charge_by, prices))
     )
     await _insert_lines(conn, account.id, day, result.lines, at, adjustment=True)
     await _store_packages(conn, pkgs, result.state.packages)
@@ -663,7 +690,7 @@ async def _adjust_late(
         if account is None or account.state == "terminated":
             return []
         tz = account.terms.timezone
-        since = rating.billing_date(at, tz) - timedelta(days=ADJUST_DAYS)
+        since = rating.adjustable_since(at, tz)
         rows = list(
             await conn.execute(
                 select(day_settlements.c.day, day_settlements.c.record)
@@ -740,10 +767,10 @@ async def settle(
     With an instant (the scheduler): for every account with billing terms, adjust settled days
     for late usage, settle every billing day that has ended at that instant, then suspend for
     arrears after `grace`, send package notices and carry out a termination that is due;
-    returns what was settled and adjusted. With a date (`cdn control settle --date`): settle
-    every account's days up to that one (if it has ended by `clock`); returns one entry per
-    account with that day's charge. Running either twice changes nothing. Stops early when
-    another replica is settling (PostgreSQL).
+    returns what was settled and adjusted. With a date (`cdn control settle --date`): the same
+    at `clock`'s instant, except that no day after the date is settled; returns the adjustments,
+    then one entry per account with that day's charge. Running either twice changes nothing.
+    Stops early when another replica is settling (PostgreSQL).
     """
     done: list[DayCharge] = []
     try:
@@ -751,7 +778,7 @@ async def settle(
             if isinstance(day_or_now, datetime):
                 done += await _run_due(engine, account_id, day_or_now, grace, clock, changed)
             else:
-                done.append(await _settle_date(engine, account_id, day_or_now, clock, changed))
+                done += await _settle_date(engine, account_id, day_or_now, grace, clock, changed)
     except Busy:
         log.info("another control replica is settling; this run stops")
     return done
@@ -764,16 +791,19 @@ async def _run_due(
     grace: timedelta,
     clock: Clock,
     changed: Callable[[], None],
+    through: date | None = None,
 ) -> list[DayCharge]:
+    """Adjust, settle (the days due at `at`, none after `through`) and enforce one account."""
     try:
         async with engine.connect() as conn:
             account = await _load(conn, account_id, lock=False)
         if account is None:
             return []
+        last = _last_due_day(account, at)
+        if through is not None:
+            last = min(last, through)
         done = await _adjust_late(engine, account_id, at, clock, changed)
-        done += await _settle_through(
-            engine, account_id, _last_due_day(account, at), clock, changed
-        )
+        done += await _settle_through(engine, account_id, last, clock, changed)
         await _enforce(engine, account_id, at, grace, clock, changed)
     except Busy:
         raise
@@ -784,14 +814,17 @@ async def _run_due(
 
 
 async def _settle_date(
-    engine: AsyncEngine, account_id: int, day: date, clock: Clock, changed: Callable[[], None]
-) -> DayCharge:
-    async with engine.connect() as conn:
-        account = await _load(conn, account_id, lock=False)
-    assert account is not None
-    await _settle_through(
-        engine, account_id, min(day, _last_due_day(account, clock.now())), clock, changed
-    )
+    engine: AsyncEngine,
+    account_id: int,
+    day: date,
+    grace: timedelta,
+    clock: Clock,
+    changed: Callable[[], None],
+) -> list[DayCharge]:
+    """The scheduler's run at `clock`'s instant up to `day`: its adjustments, then `day`'s
+    charge (adjustments of it included) and the balance."""
+    done = await _run_due(engine, account_id, clock.now(), grace, clock, changed, through=day)
+    adjusted = [charge for charge in done if charge.adjustment]
     async with engine.connect() as conn:
         settled = (
             await conn.execute(
@@ -811,7 +844,10 @@ async def _settle_date(
         ).scalar_one()
         account = await _load(conn, account_id, lock=False)
     assert account is not None
-    return DayCharge(account_id, day, int(charge) if settled else None, account.balance_fen)
+    return [
+        *adjusted,
+        DayCharge(account_id, day, int(charge) if settled else None, account.balance_fen),
+    ]
 
 
 def settle_main(path: str, day_text: str) -> int:
@@ -839,7 +875,8 @@ def settle_main(path: str, day_text: str) -> int:
         engine = engine_for(config.database)
         try:
             await migrate(engine)
-            return await settle(engine, day, clock=Clock())
+            grace = timedelta(seconds=config.arrears_grace)
+            return await settle(engine, day, clock=Clock(), grace=grace)
         finally:
             await engine.dispose()
 

@@ -47,6 +47,9 @@ Decisions where the agreement is silent or ambiguous (each one is repeated where
    valued pro rata to its price by unused quota; expired packages are void (5.1b) and refund
    nothing. The refund is credited to the balance (5.5 "to your Kingsoft Cloud account"); what
    is positive afterwards is refundable, what is negative is still owed.
+9. Late usage is billed, as an adjustment, only for the last `ADJUST_DAYS` billing days
+   (`adjustable_since`); usage arriving later for a day already settled is kept (and shown)
+   but never billed, and control.usage logs a warning naming the account, day and bytes.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 __all__ = [
+    "ADJUST_DAYS",
     "BUCKET_SECONDS",
     "DEFAULT_TIMEZONE",
     "MBPS",
@@ -82,6 +86,7 @@ __all__ = [
     "TerminationRefund",
     "TrafficTier",
     "adjust_day",
+    "adjustable_since",
     "apply_payment",
     "billing_date",
     "bucket_bps",
@@ -117,6 +122,10 @@ PENALTY_RATE = Decimal("0.005")
 """7.5: "a penalty equal to 0.5 percent of the unpaid amount for each day"."""
 
 DEFAULT_TIMEZONE = "Asia/Shanghai"
+
+ADJUST_DAYS = 62
+"""How far back late usage is billed (decision 9): an edge offline for a month, and the month
+before."""
 
 Billing = Literal["prepaid", "postpaid"]
 ChargeBy = Literal["traffic", "bandwidth"]
@@ -184,6 +193,12 @@ def day_bounds(day: date, tz: str | ZoneInfo = DEFAULT_TIMEZONE) -> tuple[dateti
         if int(bound.timestamp()) % BUCKET_SECONDS or bound.microsecond:
             raise ValueError(f"{day} in {zone.key} does not start on a 5-minute bucket")
     return start, end
+
+
+def adjustable_since(instant: datetime, tz: str | ZoneInfo = DEFAULT_TIMEZONE) -> date:
+    """The oldest billing day whose late usage is still billed at `instant` (decision 9): days
+    before it are final, whatever usage arrives for them."""
+    return billing_date(instant, tz) - timedelta(days=ADJUST_DAYS)
 
 
 def buckets_in_day(day: date, tz: str | ZoneInfo = DEFAULT_TIMEZONE) -> int:

@@ -8,7 +8,9 @@ and flushes may arrive in any order and late.
 
 Each usage row keeps the account that owned its domain when its first bucket arrived, so a domain
 deleted or later registered by someone else never moves past traffic between accounts. Buckets
-of a domain no account has are kept (account null) but shown to no one.
+of a domain no account has are kept (account null) but shown to no one. Bytes for a settled
+billing day too old to be adjusted (`control.rating` decision 9) are kept and shown too, but
+never billed: each batch bringing some is logged as a warning per account and day.
 
 Bandwidth figures are exact until formatted: a bucket's is bytes x 8 / 300 s
 (`control.rating.bucket_mbps`), written as a decimal string with 6 places, rounded half up.
@@ -17,6 +19,7 @@ Bandwidth figures are exact until formatted: a bucket's is bytes x 8 / 300 s
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -24,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import Field, PlainValidator, WithJsonSchema
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -48,15 +51,19 @@ from control.domains import check_visible
 from control.models import Body, Out
 from control.problems import Problem
 from control.rating import (
+    ADJUST_DAYS,
     BUCKET_SECONDS,
+    adjustable_since,
     billing_date,
     bucket_mbps,
     day_bounds,
     monthly_p95_bucket_bytes,
 )
-from control.schema import accounts, domains, usage, usage_batches
+from control.scheduler import CLOCK
+from control.schema import accounts, day_settlements, domains, usage, usage_batches
 from edge.meter import FIELDS, Bucket, merge
 
+log = logging.getLogger("control.usage")
 routes = RouteTable()
 
 MAX_BUCKETS = 100_000  # per batch
@@ -203,10 +210,21 @@ async def post_usage(request: web.Request, body: UsageBatch) -> web.StreamRespon
     edge_id = caller(request).edge_id
     buckets = merge(body.buckets)  # one row per (domain, window): an upsert touches a row once
     # Usage is not a change edges follow: no need to wake the feed, as `writing` does.
+    unbilled: list[tuple[int, date, int]] = []
     async with write_transaction(request.app[ENGINE]) as conn:
         fresh = await _claim(conn, body.batch, edge_id, len(body.buckets))
         if fresh:
             await _add(conn, buckets, await _owners(conn, {b.domain for b in buckets}))
+            unbilled = await _too_late(conn, buckets, request.app[CLOCK].now())
+    for account_id, day, nbytes in unbilled:  # after the commit: they are stored
+        log.warning(
+            "account %d: %d bytes sent on billing day %s arrived more than %d days late; "
+            "that day is settled for good, so they are not billed (GET /v1/usage shows them)",
+            account_id,
+            nbytes,
+            day,
+            ADJUST_DAYS,
+        )
     return web.json_response({"batch": body.batch, "duplicate": not fresh})
 
 
@@ -263,6 +281,43 @@ async def _add(conn: AsyncConnection, buckets: Sequence[Bucket], owners: dict[st
         for b in buckets
     ]
     await conn.execute(stmt, rows)
+
+
+async def _too_late(
+    conn: AsyncConnection, buckets: Sequence[Bucket], at: datetime
+) -> list[tuple[int, date, int]]:
+    """The bytes of `buckets` that billing will never charge (rating decision 9), as (account,
+    billing day, bytes): those on a settled day older than `adjustable_since(at)`. The account
+    is the usage row's (its first owner), as for billing."""
+    # A bucket on such a day starts more than ADJUST_DAYS - 1 days before `at` in any zone (a
+    # day is 23 to 25 hours long), so recent batches, nearly all of them, cost no query.
+    bound = at - timedelta(days=ADJUST_DAYS - 1)
+    old: dict[tuple[str, datetime], int] = {}
+    for bucket in buckets:
+        start = datetime.fromtimestamp(bucket.start, UTC)
+        if start < bound and bucket.bytes_sent:
+            old[(bucket.domain, start)] = bucket.bytes_sent
+    keys = list(old)
+    by_day: dict[tuple[int, date], int] = {}
+    for i in range(0, len(keys), _LOOKUP_CHUNK):
+        rows = await conn.execute(
+            select(usage.c.domain, usage.c.start, usage.c.account_id, accounts.c.timezone)
+            .join(accounts, accounts.c.id == usage.c.account_id)
+            .where(tuple_(usage.c.domain, usage.c.start).in_(keys[i : i + _LOOKUP_CHUNK]))
+        )
+        for row in rows:
+            day = billing_date(row.start, row.timezone)
+            if day < adjustable_since(at, row.timezone):
+                key = (row.account_id, day)
+                by_day[key] = by_day.get(key, 0) + old[(row.domain, row.start)]
+    if not by_day:
+        return []
+    settled = await conn.execute(
+        select(day_settlements.c.account_id, day_settlements.c.day).where(
+            tuple_(day_settlements.c.account_id, day_settlements.c.day).in_(list(by_day))
+        )
+    )
+    return sorted((row.account_id, row.day, by_day[(row.account_id, row.day)]) for row in settled)
 
 
 # --- for billing ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ termination with its refund, and `cdn control settle`; each figure to the fen, o
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from control.schema import (
     price_lists,
     usage,
 )
+from edge.meter import FIELDS
 
 from .conftest import Api
 
@@ -425,6 +427,150 @@ async def test_settle_by_date_is_idempotent(db: AsyncEngine) -> None:
     assert await billing.settle(db, date(2026, 11, 1), clock=clock) == [first]
     [later] = await billing.settle(db, date(2026, 11, 5), clock=clock)
     assert later.charge_fen is None  # not ended by the clock
+
+
+async def test_settle_by_date_adjusts_late_usage_and_enforces(api: Api) -> None:
+    """`cdn control settle --date` (`billing.settle` with a date) does what the scheduler does:
+    late usage for a settled day becomes an adjustment line, and arrears past the grace suspend
+    the account's domains; a second run changes nothing."""
+    clock = api.app[CLOCK]
+    clock.set(local(1))
+    a, token = await billed_account(api, "cli", "postpaid")
+    await api.domain(token, "www.cli.test")
+    await add_usage(api, a, "www.cli.test", local(1, 1), GB)
+    clock.set(local(3))
+    first = await billing.settle(api.engine, date(2026, 11, 1), clock=clock)
+    assert [c.line() for c in first] == [
+        f"account {a}: 2026-11-01 charge 200 fen, balance -200 fen"
+    ]
+
+    await add_usage(api, a, "www.cli.test", local(1, 5), GB)  # an edge that was offline
+    clock.set(local(4, 0, 1))  # 24 h after the arrears began
+    done = await billing.settle(api.engine, date(2026, 11, 2), clock=clock)
+    assert [c.line() for c in done] == [
+        f"account {a}: 2026-11-01 adjustment 200 fen, balance -400 fen",
+        f"account {a}: 2026-11-02 charge 2 fen, balance -402 fen",  # 0.5 % of 400 fen
+    ]
+    assert await lines(api, a) == [
+        ("2026-11-01", "traffic", "tier 1", "1", 200, False),
+        ("2026-11-01", "traffic", "tier 1", "1", 200, True),
+        ("2026-11-02", "late_penalty", "7.5", "400", 2, False),
+    ]
+    [(state_name, reason)] = await state_changes(api, "www.cli.test")
+    assert state_name == "suspended" and reason.startswith(billing.ARREARS)
+    assert await notice_kinds(api, a) == ["arrears", "suspended"]
+
+    before = (
+        await lines(api, a),
+        await money(api, a),
+        await notice_kinds(api, a),
+        await api.version(),
+    )
+    again = await billing.settle(api.engine, date(2026, 11, 2), clock=clock)
+    assert [c.line() for c in again] == [done[-1].line()]
+    after = (
+        await lines(api, a),
+        await money(api, a),
+        await notice_kinds(api, a),
+        await api.version(),
+    )
+    assert after == before
+
+
+async def test_late_usage_is_rated_at_the_rates_the_day_was_settled_under(api: Api) -> None:
+    """A price-list change between a day's settlement and its late usage does not reprice the
+    day: the adjustment uses the rates recorded with the settlement; new days use the new list."""
+    api.app[CLOCK].set(local(1))
+    t, _ = await billed_account(api, "by-traffic")
+    b, _ = await billed_account(api, "by-peak")
+    for account_id in (t, b):  # prepaid, no arrears: no penalty lines
+        paid = {"amount_fen": 10000, "reference": "p"}
+        await api.ok("POST", f"/v1/accounts/{account_id}/payments", body=paid)
+    await api.ok(
+        "PUT", f"/v1/accounts/{b}/billing", body={"charge_by": "bandwidth", "price_list": "std"}
+    )
+    await add_usage(api, t, "www.t.test", local(1, 1), GB)
+    await add_usage(api, b, "www.b.test", local(1, 1), 300 * 10**6)  # 8 Mbps
+    await tick(api, local(2, 0, 1))
+    dearer = {
+        "traffic_tiers": [
+            {"up_to_gb": 10, "fen_per_gb": "300"},
+            {"up_to_gb": None, "fen_per_gb": "250"},
+        ],
+        "fen_per_mbps_day": "150",
+    }
+    await api.ok("PUT", "/v1/price-lists/std", body=dearer)
+    await add_usage(api, t, "www.t.test", local(1, 5), GB)
+    await add_usage(api, b, "www.b.test", local(1, 5), 375 * 10**6)  # 10 Mbps
+    await add_usage(api, t, "www.t.test", local(2, 1), GB)
+    await tick(api, local(3, 0, 1))
+    assert await lines(api, t) == [
+        ("2026-11-01", "traffic", "tier 1", "1", 200, False),
+        ("2026-11-01", "traffic", "tier 1", "1", 200, True),  # the old rate, not 300
+        ("2026-11-02", "traffic", "tier 1", "1", 300, False),  # a new day: the new list
+    ]
+    assert await lines(api, b) == [
+        ("2026-11-01", "bandwidth", "peak", "8.000000", 800, False),
+        ("2026-11-01", "bandwidth", "peak", "-8.000000", -800, True),
+        ("2026-11-01", "bandwidth", "peak", "10.000000", 1000, True),  # 100 fen, not 150
+        ("2026-11-02", "bandwidth", "peak", "0.000000", 0, False),
+    ]
+    assert (await money(api, t))["balance_fen"] == 10000 - 700
+    assert (await money(api, b))["balance_fen"] == 10000 - 1000
+
+
+async def test_a_day_settled_without_recorded_rates_is_adjusted_at_the_current_list(
+    api: Api,
+) -> None:
+    """Days settled before the rates were recorded with them fall back to the current list."""
+    api.app[CLOCK].set(local(1))
+    a, _ = await billed_account(api, "older", "postpaid")
+    await add_usage(api, a, "www.older.test", local(1, 1), GB)
+    await tick(api, local(2, 0, 1))
+    async with api.engine.begin() as conn:
+        record = (await conn.execute(select(day_settlements.c.record))).scalar_one()
+        del record["prices"]  # as settled by the version before the rates were recorded
+        await conn.execute(day_settlements.update().values(record=record))
+    dearer = {**PRICES, "traffic_tiers": [{"up_to_gb": None, "fen_per_gb": "300"}]}
+    await api.ok("PUT", "/v1/price-lists/std", body=dearer)
+    await add_usage(api, a, "www.older.test", local(1, 5), GB)
+    await tick(api, local(2, 0, 2))
+    assert (await lines(api, a))[1:] == [("2026-11-01", "traffic", "tier 1", "1", 300, True)]
+
+
+async def test_usage_too_late_to_be_billed_is_logged(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Usage for a settled day older than the adjustment window (rating.ADJUST_DAYS) is stored
+    but never billed: the control plane says so with a warning naming account, day and bytes."""
+    clock = api.app[CLOCK]
+    clock.set(local(1))
+    a, token = await billed_account(api, "slow", "postpaid")
+    await api.domain(token, "www.slow.test")
+    await add_usage(api, a, "www.slow.test", local(1, 1), GB)
+    later = local(1) + timedelta(days=rating.ADJUST_DAYS + 1, minutes=1)  # 2027-01-03 00:01
+    await tick(api, later)  # settles Nov 1 to Jan 2
+    _, edge_token = await api.edge("late-edge")
+    buckets = [
+        {
+            "domain": "www.slow.test",
+            "start": int(start.timestamp()),
+            **dict.fromkeys(FIELDS, 0),
+            "bytes_sent": n,
+        }
+        for start, n in ((local(1, 5), 3 * GB), (local(1, 6), 1 * GB), (local(2, 5), 5 * GB))
+    ]
+    body = {"batch": "old", "edge": "late-edge", "buckets": buckets}
+    with caplog.at_level(logging.WARNING, logger="control.usage"):
+        await api.ok("POST", "/v1/edge/usage", edge_token, body=body)
+    [record] = [r for r in caplog.records if r.name == "control.usage"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert f"account {a}" in message and "2026-11-01" in message and str(4 * GB) in message
+    await tick(api, later + timedelta(minutes=1))
+    # Nov 2 is still in the window: adjusted; Nov 1 is not billed (it stays in GET /v1/usage)
+    adjustments = [line for line in await lines(api, a) if line[5]]
+    assert adjustments == [("2026-11-02", "traffic", "tier 1", "5", 1000, True)]
 
 
 async def _seed(engine: AsyncEngine) -> None:
