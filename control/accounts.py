@@ -34,6 +34,7 @@ from control.models import (
     TokenCreated,
 )
 from control.problems import Problem
+from control.scheduler import CLOCK
 from control.schema import accounts, api_tokens, domains, iso
 
 routes = RouteTable()
@@ -100,7 +101,8 @@ async def create_account(request: web.Request, body: NewAccount) -> web.StreamRe
                     timezone=body.timezone,
                     state="active",
                     state_reason="",
-                    created_at=now(),
+                    # billing's clock: the account's billing starts on this day (control.billing)
+                    created_at=request.app[CLOCK].now(),
                 )
                 .returning(accounts.c.id)
             )

@@ -16,7 +16,15 @@ Decisions where the agreement and the issue leave a choice:
   recompute the penalties charged since. 7.5 charges a penalty on "the unpaid amount for each
   day on which unpaid amount exists"; late usage was not billed, so not unpaid, on those days.
   From its adjustment on, the raised debt counts for the next days' penalties.
-- Billing starts on the billing day (account zone) the operator set the account's terms.
+- Every account is billed from the billing day (account zone) it was created. Its terms are the
+  operator's (`PUT /v1/accounts/{id}/billing`) or, until the operator sets them, the default
+  price list's in traffic mode: the first thing that needs them (a settlement run, a payment, a
+  grant, a termination, a read of the balance or the bill) stores them as the account's own
+  (`account_billing`, audited as `billing.default_terms`), as if the operator had set them;
+  setting terms later replaces them for the days not settled yet. Without a default list an
+  account without terms is not billed: its days wait unsettled (they are settled once it has
+  terms), every settlement run logs one warning naming such accounts, and its money routes
+  answer that billing is not configured. A terminated account never gets terms.
 - A package's price is paid from the balance when it is granted (4.1: service begins after
   payment; 5.1 packages are prepaid), as a `package_purchase` line; a grant whose price exceeds
   the balance is 409; a free grant (price 0) is allowed. Packages cover traffic-billed days only.
@@ -61,7 +69,9 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import Field, model_validator
 from sqlalchemy import Row, func, insert, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control import accounts as account_routes
@@ -79,6 +89,7 @@ from control.api import (
     reading,
     writing,
 )
+from control.auth import Principal
 from control.db import write_transaction
 from control.domains import (
     ACCOUNT_SUSPENDED,
@@ -113,6 +124,7 @@ EXPIRY_NOTICE = timedelta(days=7)  # issue #5: "package expiring in 7 days"
 ARREARS_GRACE = timedelta(hours=24)
 MAX_FEN = 10**15
 _CHARGE_KINDS = ("traffic", "bandwidth", "late_penalty")
+_NAMED_IN_WARNING = 50  # accounts named in the run's "not billed" warning; the rest counted
 _PG_SETTLE_LOCK_KEY = 0x43444E42  # "CDNB"
 
 
@@ -218,7 +230,7 @@ async def _load(conn: AsyncConnection, account_id: int, *, lock: bool = True) ->
             account_billing.c.low_balance_fen,
             account_billing.c.termination_at,
             account_billing.c.termination_reason,
-            account_billing.c.created_at.label("billing_since"),
+            accounts.c.created_at,
             price_lists.c.name.label("price_list"),
             price_lists.c.traffic_tiers,
             price_lists.c.fen_per_mbps_day,
@@ -250,8 +262,78 @@ async def _load(conn: AsyncConnection, account_id: int, *, lock: bool = True) ->
         low_balance_fen=int(row.low_balance_fen),
         termination_at=row.termination_at,
         termination_reason=row.termination_reason,
-        first_day=rating.billing_date(row.billing_since, row.timezone),
+        first_day=rating.billing_date(row.created_at, row.timezone),
     )
+
+
+def _not_configured(account_id: int) -> str:
+    return (
+        f"billing is not configured for account {account_id}: it has no billing terms and no "
+        "price list is the default (PUT /v1/accounts/{id}/billing, or PUT a price list with "
+        '"default": true)'
+    )
+
+
+async def _without_terms(conn: AsyncConnection, account_id: int | None = None) -> list[Row[Any]]:
+    """The accounts (or the one) without billing terms, terminated ones aside: those are never
+    billed again."""
+    query = (
+        select(accounts.c.id, accounts.c.name)
+        .select_from(
+            accounts.outerjoin(account_billing, account_billing.c.account_id == accounts.c.id)
+        )
+        .where(account_billing.c.account_id.is_(None), accounts.c.state != "terminated")
+        .order_by(accounts.c.id)
+    )
+    if account_id is not None:
+        query = query.where(accounts.c.id == account_id)
+    return list(await conn.execute(query))
+
+
+async def _default_price_list(conn: AsyncConnection) -> Row[int, str] | None:
+    query = select(price_lists.c.id, price_lists.c.name).where(price_lists.c.is_default)
+    return (await conn.execute(query)).first()
+
+
+async def _adopt_default(conn: AsyncConnection, without: list[Row[Any]], at: datetime) -> bool:
+    """Give the accounts `without` terms the default price list's, in traffic mode, each in its
+    audit log as the operator's act (the operator chose the default); False without a default.
+    A row made meanwhile by another transaction (PostgreSQL) is left as it is."""
+    default = await _default_price_list(conn)
+    if default is None:
+        return False
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    terms = {"charge_by": "traffic", "price_list": default.name}
+    for account in without:
+        made = await conn.execute(
+            dialect_insert(account_billing)
+            .values(
+                account_id=account.id,
+                charge_by="traffic",
+                price_list_id=default.id,
+                created_at=at,
+            )
+            .on_conflict_do_nothing()
+        )
+        if made.rowcount:
+            await audit(
+                conn,
+                Principal(kind="operator"),
+                account.id,
+                "billing.default_terms",
+                f"account {account.id}",
+                terms,
+            )
+    return True
+
+
+async def _load_or_default(conn: AsyncConnection, account_id: int, at: datetime) -> _Account | None:
+    """`_load` in a write transaction, giving the account the default list's terms first when
+    it has none; None when billing is not configured for it (or it was terminated without)."""
+    account = await _load(conn, account_id)
+    if account is None and await _adopt_default(conn, await _without_terms(conn, account_id), at):
+        account = await _load(conn, account_id)
+    return account
 
 
 async def _packages(conn: AsyncConnection, account_id: int) -> tuple[rating.Package, ...]:
@@ -645,6 +727,29 @@ async def _reloaded(conn: AsyncConnection, account_id: int) -> _Account:
 # --- the job ----------------------------------------------------------------------------------
 
 
+async def _bill_every_account(
+    engine: AsyncEngine, at: datetime, changed: Callable[[], None]
+) -> None:
+    """Accounts without terms get the default price list's; without a default, one warning
+    names them (their days wait)."""
+    async with engine.connect() as conn:
+        without = await _without_terms(conn)
+        default = await _default_price_list(conn) if without else None
+    if not without:
+        return
+    if default is None:
+        named = ", ".join(f"account {a.id} {a.name!r}" for a in without[:_NAMED_IN_WARNING])
+        more = len(without) - _NAMED_IN_WARNING
+        log.warning(
+            "not billed, no billing terms and no default price list: %s%s",
+            named,
+            f" and {more} more" if more > 0 else "",
+        )
+        return
+    async with _settling(engine, changed) as conn:
+        await _adopt_default(conn, await _without_terms(conn), at)
+
+
 async def _account_ids(engine: AsyncEngine) -> list[int]:
     async with engine.connect() as conn:
         rows = await conn.execute(
@@ -764,16 +869,18 @@ async def settle(
 ) -> list[DayCharge]:
     """Settle what is due.
 
-    With an instant (the scheduler): for every account with billing terms, adjust settled days
-    for late usage, settle every billing day that has ended at that instant, then suspend for
-    arrears after `grace`, send package notices and carry out a termination that is due;
-    returns what was settled and adjusted. With a date (`cdn control settle --date`): the same
+    First, accounts without billing terms get the default price list's (or a warning names
+    them). With an instant (the scheduler): for every account with billing terms, adjust
+    settled days for late usage, settle every billing day that has ended at that instant, then
+    suspend for arrears after `grace`, send package notices and carry out a termination that is
+    due; returns what was settled and adjusted. With a date (`cdn control settle --date`): the same
     at `clock`'s instant, except that no day after the date is settled; returns the adjustments,
     then one entry per account with that day's charge. Running either twice changes nothing.
     Stops early when another replica is settling (PostgreSQL).
     """
     done: list[DayCharge] = []
     try:
+        await _bill_every_account(engine, clock.now(), changed)
         for account_id in await _account_ids(engine):
             if isinstance(day_or_now, datetime):
                 done += await _run_due(engine, account_id, day_or_now, grace, clock, changed)
@@ -907,6 +1014,11 @@ class PriceListIn(Body):
     traffic_tiers: Annotated[list[TierIn], Field(min_length=1, max_length=20)]
     fen_per_mbps_day: Rate
     gb_bytes: Annotated[int, Field(ge=1, le=2**40)] = 10**9
+    default: bool | None = Field(
+        None,
+        description="true: this list bills accounts without terms of their own (it takes the "
+        "mark from any other); false: it no longer does; absent: unchanged",
+    )
 
 
 class BillingTermsIn(Body):
@@ -961,6 +1073,7 @@ def _price_list_view(row: Row[Any]) -> dict[str, Any]:
         "traffic_tiers": row.traffic_tiers,
         "fen_per_mbps_day": row.fen_per_mbps_day,
         "gb_bytes": int(row.gb_bytes),
+        "default": bool(row.is_default),
         "created_at": iso(row.created_at),
     }
 
@@ -1011,14 +1124,15 @@ def _money_view(account: _Account) -> dict[str, Any]:
 
 
 async def _operator_account(
-    conn: AsyncConnection, account_id: int, *, live: bool = False
+    conn: AsyncConnection, account_id: int, at: datetime, *, live: bool = False
 ) -> _Account:
-    """The path's account with its billing terms: 404 without the account, 409 without terms
-    (and, with `live`, when it was terminated)."""
+    """The path's account with its billing terms (the default list's if it has none): 404
+    without the account, 409 when billing is not configured (and, with `live`, when it was
+    terminated)."""
     await account_routes.account_row(conn, account_id)
-    account = await _load(conn, account_id)
+    account = await _load_or_default(conn, account_id, at)
     if account is None:
-        raise Problem(409, f"account {account_id} has no billing terms: PUT its /billing first")
+        raise Problem(409, _not_configured(account_id))
     if live and account.state == "terminated":
         raise Problem(409, f"account {account_id} was terminated")
     return account
@@ -1041,19 +1155,32 @@ async def put_price_list(request: web.Request, body: PriceListIn) -> web.StreamR
     except ValueError as exc:
         field = "gb_bytes" if "gb_bytes" in str(exc) else "traffic_tiers"
         raise invalid([{"field": field, "problem": str(exc)}]) from None
-    values = {
+    values: dict[str, Any] = {
         "traffic_tiers": tiers,
         "fen_per_mbps_day": body.fen_per_mbps_day,
         "gb_bytes": body.gb_bytes,
     }
+    if body.default is not None:
+        values["is_default"] = body.default
     at = request.app[CLOCK].now()
-    async with writing(request) as conn:
-        found = await conn.execute(select(price_lists.c.id).where(price_lists.c.name == name))
-        if found.first() is None:
-            await conn.execute(insert(price_lists).values(name=name, created_at=at, **values))
-        else:
-            await conn.execute(update(price_lists).where(price_lists.c.name == name).values(values))
-        row = (await conn.execute(select(price_lists).where(price_lists.c.name == name))).one()
+    try:
+        async with writing(request) as conn:
+            if body.default:  # first, as the unique index allows one default at any moment
+                await conn.execute(
+                    update(price_lists)
+                    .where(price_lists.c.is_default, price_lists.c.name != name)
+                    .values(is_default=False)
+                )
+            found = await conn.execute(select(price_lists.c.id).where(price_lists.c.name == name))
+            if found.first() is None:
+                await conn.execute(insert(price_lists).values(name=name, created_at=at, **values))
+            else:
+                await conn.execute(
+                    update(price_lists).where(price_lists.c.name == name).values(values)
+                )
+            row = (await conn.execute(select(price_lists).where(price_lists.c.name == name))).one()
+    except IntegrityError:  # a concurrent PUT made it, or another default (PostgreSQL)
+        raise Problem(409, f"price lists changed meanwhile; PUT {name!r} again") from None
     return web.json_response(_price_list_view(row))
 
 
@@ -1081,16 +1208,12 @@ async def put_billing(request: web.Request, body: BillingTermsIn) -> web.StreamR
             "price_list_id": price_list_id,
             "low_balance_fen": body.low_balance_fen,
         }
-        if await _load(conn, account_id) is None:
-            await conn.execute(
-                insert(account_billing).values(account_id=account_id, created_at=at, **values)
-            )
-        else:
-            await conn.execute(
-                update(account_billing)
-                .where(account_billing.c.account_id == account_id)
-                .values(values)
-            )
+        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        await conn.execute(  # one statement: a settlement run may adopt the default meanwhile
+            dialect_insert(account_billing)
+            .values(account_id=account_id, created_at=at, **values)
+            .on_conflict_do_update(index_elements=[account_billing.c.account_id], set_=values)
+        )
         await audit(
             conn, caller(request), account_id, "billing.terms", f"account {account_id}", values
         )
@@ -1110,7 +1233,7 @@ async def post_payment(request: web.Request, body: PaymentIn) -> web.StreamRespo
     account_id = path_id(request)
     at = request.app[CLOCK].now()
     async with writing(request) as conn:
-        account = await _operator_account(conn, account_id)
+        account = await _operator_account(conn, account_id, at)
         found = (
             await conn.execute(
                 select(payments).where(
@@ -1169,7 +1292,7 @@ async def post_package(request: web.Request, body: PackageIn) -> web.StreamRespo
     else:
         expires = at + timedelta(days=body.valid_days or 0)
     async with writing(request) as conn:
-        account = await _operator_account(conn, account_id, live=True)
+        account = await _operator_account(conn, account_id, at, live=True)
         if body.price_fen > account.balance_fen:
             raise Problem(
                 409,
@@ -1242,7 +1365,7 @@ async def post_termination(request: web.Request, body: TerminationIn) -> web.Str
         )
     refund: rating.TerminationRefund | None = None
     async with writing(request) as conn:
-        account = await _operator_account(conn, account_id, live=True)
+        account = await _operator_account(conn, account_id, at, live=True)
         await conn.execute(
             update(account_billing)
             .where(account_billing.c.account_id == account_id)
@@ -1286,19 +1409,29 @@ async def post_termination(request: web.Request, body: TerminationIn) -> web.Str
     return web.json_response(result)
 
 
+async def _readable(request: web.Request, account_id: int, at: datetime) -> _Account:
+    """The account's terms for a read; without them, the default list's, stored now (a write,
+    as the next settlement run would do); 404 without the account or when billing is not
+    configured."""
+    async with reading(request) as conn:
+        await account_routes.account_row(conn, account_id)
+        account = await _load(conn, account_id, lock=False)
+    if account is None:
+        async with writing(request) as conn:
+            account = await _load_or_default(conn, account_id, at)
+    if account is None:
+        raise Problem(404, _not_configured(account_id))
+    return account
+
+
 @routes.route(
     "GET", "/v1/accounts/{id}/balance", "An account's balance, arrears and packages", who=OPERATOR
 )
 async def get_balance(request: web.Request) -> web.StreamResponse:
     account_id = path_id(request)
     at = request.app[CLOCK].now()
+    account = await _readable(request, account_id, at)
     async with reading(request) as conn:
-        exists = (
-            await conn.execute(select(accounts.c.id).where(accounts.c.id == account_id))
-        ).first()
-        account = await _load(conn, account_id, lock=False)
-        if exists is None or account is None:
-            raise Problem(404, f"no billing for account {account_id}")
         rows = await _package_rows(conn, account_id)
     view = {**_money_view(account), "packages": [_package_view(row, at) for row in rows]}
     return web.json_response(view)
@@ -1318,10 +1451,8 @@ _MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 async def get_bills(request: web.Request) -> web.StreamResponse:
     account_id = account_of(caller(request))
     at = request.app[CLOCK].now()
+    account = await _readable(request, account_id, at)
     async with reading(request) as conn:
-        account = await _load(conn, account_id, lock=False)
-        if account is None:
-            raise Problem(404, "billing is not set up for this account")
         raw = request.query.get("month")
         if raw is None:
             first = rating.billing_date(at, account.terms.timezone).replace(day=1)

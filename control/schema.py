@@ -32,8 +32,10 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -371,6 +373,15 @@ price_lists = Table(
     Column("fen_per_mbps_day", Text, nullable=False),
     Column("gb_bytes", BigInteger, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    # the list that bills accounts without terms of their own (control.billing); at most one
+    Column("is_default", Boolean, nullable=False, server_default=false()),
+    Index(
+        "uq_price_lists_default",
+        "is_default",
+        unique=True,
+        sqlite_where=text("is_default"),
+        postgresql_where=text("is_default"),
+    ),
 )
 
 account_billing = Table(
@@ -387,7 +398,7 @@ account_billing = Table(
     Column("low_balance_fen", BigInteger, nullable=False, server_default="0"),
     Column("termination_at", UTCDateTime(), nullable=True),
     Column("termination_reason", Text, nullable=False, server_default=""),
-    # the first billing day is the day (in the account's zone) this row was made
+    # when the terms were first set (the first billing day is the account's creation day)
     Column("created_at", UTCDateTime(), nullable=False),
     CheckConstraint("charge_by IN ('traffic', 'bandwidth')", name="charge_by"),
 )

@@ -31,6 +31,11 @@ from edge.config import EdgeConfig
 from edge.sample_origin import ensure_sample_files, serve_origin
 
 READY_TIMEOUT = 60.0
+DEMO_PRICES: dict[str, Any] = {
+    "traffic_tiers": [{"up_to_gb": None, "fen_per_gb": "20"}],
+    "fen_per_mbps_day": "100",
+    "default": True,
+}
 
 
 class DemoError(Exception):
@@ -78,6 +83,8 @@ async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
         await web.TCPSite(control, *control_listen).start()
         control_url = f"http://{control_listen[0]}:{control_listen[1]}"
         async with aiohttp.ClientSession(base_url=control_url) as api:
+            # The default price list: it bills the demo account, which has no terms of its own.
+            await _call(api, tokens.admin, "PUT", "/v1/price-lists/demo", DEMO_PRICES)
             account = await _call(
                 api, tokens.admin, "POST", "/v1/accounts", {"name": "demo", "billing": "postpaid"}
             )
@@ -221,6 +228,7 @@ Try the control plane (the edge obeys within milliseconds):
   curl -si -H 'Host: {name}' {edge}/img/logo.png | head -1   # 403 while suspended
   {op} -X POST {control_url}/v1/domains/{name}/resume
   curl -s  {admin}/metrics | grep cdn_edge_config_version
+  {api} {control_url}/v1/bills       # billed daily under the default price list "demo"
 
 Access logs (a line per request; an hour is downloadable a few seconds after it ends):
   .venv/bin/python -m edge.accesslog {state}/logs/{name}/*.jsonl   # this hour, at the edge
