@@ -191,7 +191,8 @@ class UsageReport(Out):
     )
     p95_mbps: list[UsageMonthP95] = Field(
         description="per calendar month (account time zone) overlapping the range: the 95th "
-        "percentile of all its 5-minute buckets, missing ones as zero (drop the top 5 %)"
+        "percentile of its 5-minute buckets, missing ones as zero (drop the top 5 %); of a month "
+        "in progress, over the buckets begun so far"
     )
 
 
@@ -492,6 +493,7 @@ def _months(first: date, last: date, tz: str) -> list[tuple[str, datetime, datet
 async def get_usage(request: web.Request) -> web.StreamResponse:
     principal = caller(request)
     q = _query(request, principal)
+    at = request.app[CLOCK].now()
     async with reading(request) as conn:
         account_id = q.account if q.account is not None else account_of(principal)
         tz = (
@@ -517,7 +519,7 @@ async def get_usage(request: web.Request) -> web.StreamResponse:
             "points": _points(intervals, slots),
             "daily_peak_mbps": _daily_peaks(q, tz, slots),
             "p95_mbps": [
-                {"month": name, "mbps": _mbps(_p95(slots, start, end))}
+                {"month": name, "mbps": _mbps(_p95(slots, start, end, at))}
                 for name, start, end in months
             ],
         }
@@ -585,12 +587,16 @@ def _daily_peaks(q: _Query, tz: str, slots: dict[datetime, list[int]]) -> list[d
     return [{"day": day.isoformat(), "mbps": _mbps(peak)} for day, peak in peaks.items()]
 
 
-def _p95(slots: dict[datetime, list[int]], start: datetime, end: datetime) -> int:
-    """The month's 95th-percentile bucket over all its 5-minute slots (missing ones zero)."""
-    points = [counts[_SENT] for at, counts in slots.items() if start <= at < end]
-    return monthly_p95_bucket_bytes(
-        points, slots=int((end - start).total_seconds()) // BUCKET_SECONDS
-    )
+def _p95(slots: dict[datetime, list[int]], start: datetime, end: datetime, at: datetime) -> int:
+    """The 95th-percentile bucket of the month [start, end) over its 5-minute slots begun by
+    `at` (missing ones zero): all of a past month's, and of a month in progress only those so
+    far, or the slots still to come would count as zeros and pull it down (to 0 for most of the
+    month's first day and a half: 5 % of a month's slots). A bucket stamped after `at` (an edge
+    whose clock runs ahead) counts, with the slots up to it."""
+    points = {slot: counts[_SENT] for slot, counts in slots.items() if start <= slot < end}
+    last = max([at, *points])
+    begun = (min(last, end - _TICK) - start) // timedelta(seconds=BUCKET_SECONDS) + 1
+    return monthly_p95_bucket_bytes(list(points.values()), slots=max(begun, 0))
 
 
 def _mbps(bucket_bytes: int) -> str:

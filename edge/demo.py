@@ -3,8 +3,11 @@
 The demo config (configs/demo.toml) is an ordinary standalone edge config; the demo turns it into
 the attached form a real deployment uses: its `[[domains]]` go to the control plane through the
 API (as a customer would create them), and the edge runs as `cdn edge` with a `[control]`
-section and a token of its own. Every run starts from a fresh control database, so the tokens
-it prints are the ones that work.
+section and a token of its own. Billing is set up the same way, as an operator would: a price
+list, the demo account's terms and a small package, through the API. The control plane runs from
+a config file the demo writes (`control.toml` next to the state dir, without secrets: they come
+from the environment), so that `cdn control settle` can be pointed at it. Every run starts from
+a fresh control database, so the tokens it prints are the ones that work.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import signal
 import sys
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,16 +30,29 @@ import aiohttp
 from aiohttp import web
 
 from control.app import make_app
-from control.config import ControlConfig
+from control.config import ADMIN_TOKEN_ENV, SECRET_KEY_ENV, ControlConfig, parse_config
+from control.rating import billing_date, day_bounds
 from edge.config import EdgeConfig
 from edge.sample_origin import ensure_sample_files, serve_origin
 
 READY_TIMEOUT = 60.0
-DEMO_PRICES: dict[str, Any] = {
-    "traffic_tiers": [{"up_to_gb": None, "fen_per_gb": "20"}],
+
+# The demo's billing, set up through the operator's API (control/README.md, "Usage, billing and
+# notices"): monthly cumulative traffic tiers in fen per GB, the demo account postpaid and
+# charged by traffic on them, and a free 100 MB package the first traffic comes out of. The
+# list is also the default one, which bills accounts created without terms of their own.
+PRICE_LIST = "demo"
+PRICES: dict[str, Any] = {
+    "traffic_tiers": [
+        {"up_to_gb": 10, "fen_per_gb": "80"},
+        {"up_to_gb": 100, "fen_per_gb": "60"},
+        {"up_to_gb": None, "fen_per_gb": "40"},
+    ],
     "fen_per_mbps_day": "100",
     "default": True,
 }
+TERMS = {"charge_by": "traffic", "price_list": PRICE_LIST}
+PACKAGE = {"quota_bytes": 100_000_000, "valid_days": 30, "price_fen": 0}
 
 
 class DemoError(Exception):
@@ -46,6 +63,12 @@ class DemoError(Exception):
 class DemoTokens:
     admin: str
     account: str
+
+
+@dataclass(frozen=True)
+class DemoAccount:
+    id: int
+    timezone: str
 
 
 async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
@@ -64,18 +87,7 @@ async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
     for leftover in state_root.glob("control.db*"):  # -wal and -shm too
         leftover.unlink()
     tokens = DemoTokens(admin=secrets.token_urlsafe(24), account="")
-    control_config = ControlConfig(
-        source="cdn up (embedded defaults)",
-        listen=control_listen,
-        database=f"sqlite:///{database}",
-        admin_token=tokens.admin,
-        cname_suffix="cdn.demo.test",
-        # The demo's origin is on loopback, which the control plane refuses by default.
-        origin_deny=(),
-        log_dir=str(state_root / "control-logs"),
-        # Encrypts signing keys and webhook secrets; the database is new on every run too.
-        secret_key=secrets.token_urlsafe(32),
-    )
+    control_config = _control_config(state_root, database, control_listen, tokens.admin)
     control = web.AppRunner(make_app(control_config), access_log=None)
     edge: asyncio.subprocess.Process | None = None
     try:
@@ -83,12 +95,11 @@ async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
         await web.TCPSite(control, *control_listen).start()
         control_url = f"http://{control_listen[0]}:{control_listen[1]}"
         async with aiohttp.ClientSession(base_url=control_url) as api:
-            # The default price list: it bills the demo account, which has no terms of its own.
-            await _call(api, tokens.admin, "PUT", "/v1/price-lists/demo", DEMO_PRICES)
             account = await _call(
                 api, tokens.admin, "POST", "/v1/accounts", {"name": "demo", "billing": "postpaid"}
             )
             tokens.account = account["token"]
+            demo_account = await _set_up_billing(api, tokens.admin, account["account"])
             for table in domains:
                 await _call(api, tokens.account, "POST", "/v1/domains", table)
             edge_token = (
@@ -106,6 +117,7 @@ async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
         )
         await _wait_ready(config, edge)
         _print_welcome(config, control_url, domains[0]["name"], tokens)
+        _print_billing(control_url, control_config.source, tokens, demo_account)
         await _wait_for_signal(edge)
     finally:
         if edge is not None and edge.returncode is None:
@@ -117,6 +129,44 @@ async def run_demo(config: EdgeConfig, control_listen: tuple[str, int]) -> None:
                 await edge.wait()
         await control.cleanup()
         await origin.cleanup()
+
+
+def _control_config(
+    state_root: Path, database: Path, listen: tuple[str, int], admin_token: str
+) -> ControlConfig:
+    """The demo's control plane, from a config file written next to the state dir: the file
+    `cdn control settle --config` reads. The admin token and the secret key (which encrypts
+    signing keys and webhook secrets; the database is new on every run too) stay out of it."""
+    host, port = listen
+    table = {
+        "listen": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "database": f"sqlite:///{database}",
+        "cname_suffix": "cdn.demo.test",
+        # The demo's origin is on loopback, which the control plane refuses by default.
+        "origin_deny": [],
+        "log_dir": str(state_root / "control-logs"),
+    }
+    lines = [
+        "# Written by `cdn up`: the demo's control plane. The operator's token is not here:",
+        f"# {ADMIN_TOKEN_ENV}=<the operator token it printed>.",
+        "[control]",
+        *(f"{key} = {json.dumps(value)}" for key, value in table.items()),
+    ]
+    path = state_root / "control.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    secret_env = {ADMIN_TOKEN_ENV: admin_token, SECRET_KEY_ENV: secrets.token_urlsafe(32)}
+    return parse_config(path.read_text(), str(path), env=secret_env)
+
+
+async def _set_up_billing(
+    api: aiohttp.ClientSession, admin: str, account: dict[str, Any]
+) -> DemoAccount:
+    """The price list, the account's billing terms and its package, as the operator sets them."""
+    await _call(api, admin, "PUT", f"/v1/price-lists/{PRICE_LIST}", PRICES)
+    await _call(api, admin, "PUT", f"/v1/accounts/{account['id']}/billing", TERMS)
+    await _call(api, admin, "POST", f"/v1/accounts/{account['id']}/packages", PACKAGE)
+    return DemoAccount(int(account["id"]), str(account["timezone"]))
 
 
 def _domain_tables(source: str) -> list[dict[str, Any]]:
@@ -228,12 +278,49 @@ Try the control plane (the edge obeys within milliseconds):
   curl -si -H 'Host: {name}' {edge}/img/logo.png | head -1   # 403 while suspended
   {op} -X POST {control_url}/v1/domains/{name}/resume
   curl -s  {admin}/metrics | grep cdn_edge_config_version
-  {api} {control_url}/v1/bills       # billed daily under the default price list "demo"
 
 Access logs (a line per request; an hour is downloadable a few seconds after it ends):
   .venv/bin/python -m edge.accesslog {state}/logs/{name}/*.jsonl   # this hour, at the edge
   {api} '{control_url}/v1/logs?domain={name}'                      # closed hours
-  {api} {control_url}/v1/logs/{name}/YYYY-MM-DDTHH | zcat
+  {api} {control_url}/v1/logs/{name}/YYYY-MM-DDTHH | zcat""",
+        flush=True,
+    )
+
+
+def _utc(instant: datetime) -> str:
+    """An instant for a query string: `Z`, since a `+` there would read as a space."""
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_billing(
+    control_url: str, control_file: str, tokens: DemoTokens, account: DemoAccount
+) -> None:
+    """Usage, bill, balance, notices and settlement of the demo account, for its billing day
+    and month as they are now (days and months are the account's timezone's)."""
+    today = billing_date(datetime.now(UTC), account.timezone)
+    day_start, day_end = day_bounds(today, account.timezone)
+    first = today.replace(day=1)
+    month_start = day_bounds(first, account.timezone)[0]
+    month_end = day_bounds((first + timedelta(days=31)).replace(day=1), account.timezone)[0]
+    api = f"curl -s -H 'Authorization: Bearer {tokens.account}'"
+    op = f"curl -s -H 'Authorization: Bearer {tokens.admin}'"
+    usage = f"{control_url}/v1/usage"
+    settle = f"{ADMIN_TOKEN_ENV}={tokens.admin} .venv/bin/cdn control settle"
+    package_mb = PACKAGE["quota_bytes"] // 10**6
+    print(
+        f"""
+Usage and billing (account {account.id}: postpaid, charged by traffic on the price list
+"{PRICE_LIST}", a {package_mb} MB package first; edges ship each 5-minute window once it ends).
+Today ({today}, {account.timezone}) by the hour, then {first:%Y-%m} by day with its 95th percentile:
+  {api} '{usage}?granularity=1h&from={_utc(day_start)}&to={_utc(day_end)}'
+  {api} '{usage}?granularity=1d&from={_utc(month_start)}&to={_utc(month_end)}'
+The bill of the month, packages and notices; the balance as the operator sees it:
+  {api} '{control_url}/v1/bills?month={first:%Y-%m}'
+  {api} {control_url}/v1/packages
+  {api} {control_url}/v1/notices
+  {op} {control_url}/v1/accounts/{account.id}/balance
+Settle by hand ("not settled" until the day ends; the control plane settles ended days itself):
+  {settle} --config {control_file} --date {today}
 
 Ctrl-C stops it.""",
         flush=True,

@@ -63,8 +63,11 @@ BATCHES_PER_ROUND = 100  # pending batches read from disk at a time
 # batch under the control plane's 8 MiB request body limit, which would refuse it forever.
 MAX_BATCH_BUCKETS = 10000
 # The supervisor writes the workers' usage to the open batch this often; workers report every
-# edge.worker.USAGE_INTERVAL s: a hard kill loses at most the sum of both, 1 s.
-USAGE_TICK = 0.5
+# edge.worker.USAGE_INTERVAL s. A hard kill loses what was metered in the last USAGE_INTERVAL +
+# USAGE_TICK s plus the time to write and fsync the batch and to be scheduled: the promise is at
+# most 1 s, so the two intervals add up to 0.5 s and leave the other half for the rest (at 0.5 s
+# each, the worst case alone was the whole second, and a write on a busy disk went past it).
+USAGE_TICK = 0.25
 
 
 class SpoolError(Exception):

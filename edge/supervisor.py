@@ -46,8 +46,8 @@ dies, to the worker that takes over as lead. A snapshot owes a flush (every work
 stored before, the lead sweeps): sent with the new STATE to the running workers and in the first
 message of any worker started until every worker and the lead did it.
 
-Usage (issue 5). Workers send their metered buckets every 0.5 s ("usage", edge/worker.py);
-the supervisor adds them to the durable open batch in state_dir/usage every 0.5 s, seals it as
+Usage (issue 5). Workers send their metered buckets every 0.25 s ("usage", edge/worker.py);
+the supervisor adds them to the durable open batch in state_dir/usage every 0.25 s, seals it as
 each 5-minute window closes, and, with [control], ships pending batches to the control plane
 until it acknowledges them (`edge.spool.UsageSink`). A graceful stop adds the workers' final
 usage, seals and ships for up to USAGE_FLUSH_TIMEOUT s; a SIGKILL loses at most the last second

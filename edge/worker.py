@@ -19,8 +19,9 @@ Usage (issue 5): the worker's `edge.meter.Meter` counts every exchange (edge.ser
 origin byte (edge.request); a supervised worker sends what it counted to the supervisor every
 USAGE_INTERVAL s and once more after draining, so a worker that is killed loses at most its
 last interval (and with the supervisor's write every edge.spool.USAGE_TICK s, a hard kill of
-the whole edge loses at most 1 s). Requests for unknown hosts (edge.server.UNKNOWN_DOMAIN) are
-in /metrics only: they belong to no customer, and are never sent on. An in-process worker
+the whole edge loses at most 1 s: see USAGE_TICK). Requests for unknown hosts
+(edge.server.UNKNOWN_DOMAIN) are in /metrics only: they belong to no customer, and are never
+sent on. An in-process worker
 (tests, the demo) meters without sending: its `take_usage` is the caller's to call.
 
 Access log (issue 6): with `[logs] enabled`, the worker's `edge.logwriter.AccessLogWriter`
@@ -69,7 +70,7 @@ log = logging.getLogger("edge.worker")
 # read yet, and closing it would fail a request the client already sent.
 ACCEPT_SETTLE = 0.2
 
-USAGE_INTERVAL = 0.5  # seconds between a supervised worker's usage messages (see USAGE_TICK)
+USAGE_INTERVAL = 0.25  # seconds between a supervised worker's usage messages (see USAGE_TICK)
 
 # The control socket's longest line: the first one carries the whole config file.
 CONTROL_LINE_LIMIT = 2**26

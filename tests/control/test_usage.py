@@ -9,6 +9,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+from control.scheduler import CLOCK
 from control.schema import usage, usage_batches
 from control.usage import _fixed, _mbps, usage_points, usage_total
 from edge.meter import FIELDS
@@ -265,6 +266,7 @@ async def test_monthly_p95_drops_the_top_five_percent(api: Api, acme: tuple[int,
     """November 2026 in Shanghai: 30 days, 8640 points of 1 ... 8640 kbit/s x 1000; the top 432
     are dropped, the highest remaining is the 8208th."""
     account_id, token = acme
+    api.app[CLOCK].set(datetime(2027, 1, 1, tzinfo=UTC))  # both months have ended
     e = await edge(api)
     month = datetime(2026, 10, 31, 16, tzinfo=UTC)  # November 1st, 00:00 in Shanghai
     points = [
@@ -303,6 +305,36 @@ async def test_monthly_p95_drops_the_top_five_percent(api: Api, acme: tuple[int,
         assert await usage_total(conn, account_id, nov_start, nov_end) == (
             sum(range(1, 8641)) * 37_500
         )
+
+
+async def test_p95_of_the_month_in_progress_is_over_the_slots_begun_so_far(
+    api: Api, acme: tuple[int, str]
+) -> None:
+    """December 1st 2026, 11:57:30 in Shanghai: 144 slots have begun (00:00 ... 11:55), each
+    with 1 ... 144 kbit/s. The p95 drops floor(144 x 0.05) = 7 and is the 137th; the month's
+    8928 slots, the ones still to come as zeros, would drop 446 and read 0."""
+    _, token = acme
+    december = datetime(2026, 11, 30, 16, tzinfo=UTC)  # December 1st, 00:00 in Shanghai
+    api.app[CLOCK].set(december + 144 * FIVE - timedelta(seconds=150))
+    e = await edge(api)
+    await e.post(
+        [bucket("a.example", december + i * FIVE, bytes_sent=(i + 1) * 37_500) for i in range(144)]
+    )
+    span_month = {"from": "2026-12-01T00:00:00+08:00", "to": "2027-01-01T00:00:00+08:00"}
+    report = (await get(api, token, granularity="1d", **span_month)).body
+    assert report["p95_mbps"] == [{"month": "2026-12", "mbps": "0.137000"}]
+    assert report["daily_peak_mbps"][0] == {"day": "2026-12-01", "mbps": "0.144000"}
+
+    # A bucket stamped ahead of the clock (an edge's clock running fast) counts, with the slots
+    # up to it: 12:00 ... 12:25 are 6 more, 150 in all, still 7 dropped.
+    await e.post([bucket("a.example", december + 149 * FIVE, bytes_sent=1_000 * 37_500)])
+    report = (await get(api, token, granularity="1d", **span_month)).body
+    assert report["p95_mbps"] == [{"month": "2026-12", "mbps": "0.138000"}]
+
+    # Once December has ended, the p95 is over all its 8928 slots.
+    api.app[CLOCK].set(datetime(2027, 1, 1, tzinfo=UTC))
+    report = (await get(api, token, granularity="1d", **span_month)).body
+    assert report["p95_mbps"] == [{"month": "2026-12", "mbps": "0.000000"}]
 
 
 async def test_billing_reads_the_accounts_buckets(api: Api, acme: tuple[int, str]) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import re
+import shlex
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -60,6 +64,26 @@ async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float)
     return "".join(seen)
 
 
+def _printed(printed: str, marker: str) -> list[str]:
+    """The words of the one printed command line containing `marker`, as a shell splits them
+    (a `&` or `#` left unquoted would show up as a word of its own)."""
+    [line] = [line for line in printed.splitlines() if marker in line]
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True  # words end only at blanks and punctuation, as in a shell
+    words = list(lexer)
+    assert not {"&", "&&", ";", "|"} & set(words), line
+    return words
+
+
+async def _curl(api: aiohttp.ClientSession, printed: str, marker: str) -> tuple[int, Any]:
+    """Run the printed `curl -s -H 'Authorization: ...' URL` whose URL contains `marker`."""
+    words = _printed(printed, marker)
+    assert words[:3] == ["curl", "-s", "-H"] and len(words) == 5, words
+    name, _, value = words[3].partition(": ")
+    async with api.get(words[4], headers={name: value}) as resp:
+        return resp.status, json.loads(await resp.read())
+
+
 async def test_cdn_up_serves_through_an_edge_attached_to_its_control_plane(
     tmp_path: Path,
 ) -> None:
@@ -106,6 +130,52 @@ async def test_cdn_up_serves_through_an_edge_attached_to_its_control_plane(
                     break
                 await asyncio.sleep(0.02)
             assert refused.status == 403 and refused.body == b"domain suspended: demo\n"
+
+            # Billing is set up, and the usage and billing commands it prints answer.
+            status, hourly = await _curl(api, printed, "granularity=1h")
+            assert status == 200, hourly
+            assert (hourly["granularity"], hourly["timezone"]) == ("1h", "Asia/Shanghai")
+            assert len(hourly["points"]) == 24 and len(hourly["daily_peak_mbps"]) == 1
+            assert {"requests", "bytes_sent", "hit_ratio"} <= set(hourly["points"][0])
+            status, daily = await _curl(api, printed, "granularity=1d")
+            assert status == 200, daily
+            [month] = daily["p95_mbps"]
+            assert len(daily["points"]) == len(daily["daily_peak_mbps"]) >= 28
+            status, bill = await _curl(api, printed, "/v1/bills?month=")
+            assert status == 200, bill
+            assert bill["month"] == month["month"]
+            assert {"days", "totals", "balance_fen"} <= set(bill)
+            assert (bill["billing"], bill["charge_by"], bill["price_list"]) == (
+                "postpaid",
+                "traffic",
+                "demo",
+            )
+            assert [(p["quota_bytes"], p["state"]) for p in bill["packages"]] == [
+                (100_000_000, "live")
+            ]
+            status, balance = await _curl(api, printed, "/balance")
+            assert status == 200 and balance["balance_fen"] == 0, balance
+            status, notices = await _curl(api, printed, "/v1/notices")
+            assert (status, notices) == (200, {"notices": []})
+
+        settle = _printed(printed, "control settle")
+        variable, _, operator_token = settle[0].partition("=")
+        assert (variable, operator_token) == ("CDN_ADMIN_TOKEN", operator.group(1))
+        assert settle[1:4] == [".venv/bin/cdn", "control", "settle"]
+        settled = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "edge.cli",
+            *settle[2:],
+            env={**os.environ, variable: operator_token},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await asyncio.wait_for(settled.communicate(), 60)
+        day = settle[-1]
+        # Today has not ended (unless midnight in Shanghai passed since it was printed).
+        assert settled.returncode == 0
+        assert re.fullmatch(rf"account 1: {day} (not settled .*|charge 0 fen, .*)\n", out.decode())
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
