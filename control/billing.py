@@ -15,7 +15,11 @@ Decisions where the agreement and the issue leave a choice:
 - Penalty (7.5, rating decision 6): an adjustment that raises an earlier day's charge does not
   recompute the penalties charged since. 7.5 charges a penalty on "the unpaid amount for each
   day on which unpaid amount exists"; late usage was not billed, so not unpaid, on those days.
-  From its adjustment on, the raised debt counts for the next days' penalties.
+  From its adjustment on, the raised debt counts for the next days' penalties. By the same
+  rule a day's penalty excludes every fee billed after the day ended (`rating.settle_day`'s
+  `billed_since_day_end_fen`, from the lines' `created_at`): days settled as a backlog (the
+  control plane was down, the account got terms late) are not penalised for debts the same
+  catch-up billed seconds before them; settled on time, nothing is excluded.
 - Every account is billed from the billing day (account zone) it was created. Its terms are the
   operator's (`PUT /v1/accounts/{id}/billing`) or, until the operator sets them, the default
   price list's in traffic mode: the first thing that needs them (a settlement run, a payment, a
@@ -124,6 +128,7 @@ EXPIRY_NOTICE = timedelta(days=7)  # issue #5: "package expiring in 7 days"
 ARREARS_GRACE = timedelta(hours=24)
 MAX_FEN = 10**15
 _CHARGE_KINDS = ("traffic", "bandwidth", "late_penalty")
+_FEE_KINDS = ("traffic", "bandwidth", "package_purchase")  # service fees: penalty base (7.5)
 _NAMED_IN_WARNING = 50  # accounts named in the run's "not billed" warning; the rest counted
 _PG_SETTLE_LOCK_KEY = 0x43444E42  # "CDNB"
 
@@ -523,6 +528,20 @@ def _state(
     )
 
 
+async def _fees_billed_since(conn: AsyncConnection, account_id: int, instant: datetime) -> int:
+    """Service fees whose lines were written at or after `instant` (adjustments included)."""
+    total = (
+        await conn.execute(
+            select(func.coalesce(func.sum(bill_lines.c.amount_fen), 0)).where(
+                bill_lines.c.account_id == account_id,
+                bill_lines.c.created_at >= instant,
+                bill_lines.c.kind.in_(_FEE_KINDS),
+            )
+        )
+    ).scalar_one()
+    return int(total)
+
+
 async def _settle_day(
     conn: AsyncConnection, account: _Account, day: date, at: datetime, until: datetime | None = None
 ) -> rating.DaySettlement:
@@ -532,7 +551,12 @@ async def _settle_day(
     pkgs = await _packages(conn, account.id)
     month = await _month_billable(conn, account.id, day, through_month=False)
     result = rating.settle_day(
-        account.terms, account.prices, day, _buckets(points), _state(account, month, pkgs)
+        account.terms,
+        account.prices,
+        day,
+        _buckets(points),
+        _state(account, month, pkgs),
+        billed_since_day_end_fen=await _fees_billed_since(conn, account.id, end),
     )
     await conn.execute(
         insert(day_settlements).values(

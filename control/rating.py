@@ -41,6 +41,9 @@ Decisions where the agreement is silent or ambiguous (each one is repeated where
    (each day is one bill line). Not compounded: the penalty is not a service fee, so the base
    excludes penalties. Payments pay service fees before penalties. A day counts when the
    unpaid amount still exists at the day's end (the settlement), before that day's own charge.
+   Of it, only fees billed before the day ended count: payments pay the oldest fees first, so
+   the unpaid fees are the newest, and fees billed after the day (a backlog settled at once,
+   an adjustment) were not unpaid on it: base = max(0, unpaid - fees billed since its end).
 7. Arrears: the balance after the day's charges is negative (4.3, 5.2b).
 8. Refund on provider termination (5.5): "paid in advance but not consumed" = the balance
    after settling all usage up to the termination, plus the unused part of each live package
@@ -796,6 +799,8 @@ def settle_day(
     day: date,
     usage: Iterable[Bucket],
     state: AccountState,
+    *,
+    billed_since_day_end_fen: int = 0,
 ) -> DaySettlement:
     """Settle one account-day: rate it, consume packages, charge the balance, write lines.
 
@@ -806,7 +811,9 @@ def settle_day(
 
     `usage`: the day's buckets (any order, duplicates summed; all inside the billing day).
     `state`: as documented on `AccountState`. Order: the penalty is computed on the unpaid fees
-    in `state.balance_fen` (so not on this day's own charge), then the usage is charged.
+    in `state.balance_fen` (so not on this day's own charge) less `billed_since_day_end_fen`,
+    the service fees billed after the day ended (0 when settled on time; decision 6), then the
+    usage is charged.
     The result's `state` is the state for the next day (its `month_billable_bytes` is for the
     same month: the caller resets it on the 1st). `voided` lists packages that expire during
     the day with what they void (5.1b). Pure and deterministic: the same inputs give an equal
@@ -817,8 +824,11 @@ def settle_day(
     state = _normalised(state)
     record, consumption = _rate_usage(terms, prices, day, rated, state.packages)
 
+    if billed_since_day_end_fen < 0:
+        raise ValueError("negative fees billed since the day's end")
     unpaid = unpaid_fees_fen(state.balance_fen, state.penalty_accrued_fen)
-    penalty = late_penalty_fen(unpaid)
+    penalty_base = max(0, unpaid - billed_since_day_end_fen)
+    penalty = late_penalty_fen(penalty_base)
     lines = _package_lines(record.consumed, prices)
     if terms.charge_by == "traffic":
         traffic = traffic_lines(state.month_billable_bytes, record.uncovered_bytes, prices)
@@ -831,7 +841,7 @@ def settle_day(
         month_billable = state.month_billable_bytes
     if penalty:
         lines.append(
-            BillLine("late_penalty", Decimal(unpaid), "fen-day", PENALTY_RATE, penalty, "7.5")
+            BillLine("late_penalty", Decimal(penalty_base), "fen-day", PENALTY_RATE, penalty, "7.5")
         )
 
     balance = state.balance_fen - charge - penalty

@@ -265,6 +265,68 @@ async def test_postpaid_is_charged_daily_and_may_go_negative(api: Api) -> None:
     assert (await state_changes(api, "www.later.test"))[-1] == ("active", "")
 
 
+async def test_a_backlog_is_not_penalised_for_debts_it_bills_itself(api: Api) -> None:
+    """The control plane was down: its first run, on Nov 10, settles Nov 1-9 at once. Nov 1's
+    debt was billed on Nov 10, so it was not unpaid on Nov 2-9 (7.5): no penalty for those
+    days. From Nov 10 on the debt is billed and unpaid, and each day costs 0.5 % of it."""
+    api.app[CLOCK].set(local(1))
+    a, token = await billed_account(api, "backlog", "postpaid")
+    await api.domain(token, "www.backlog.test")
+    await add_usage(api, a, "www.backlog.test", local(1, 3), 3 * GB)
+    await add_usage(api, a, "www.backlog.test", local(2, 3), GB)
+    await add_usage(api, a, "www.backlog.test", local(3, 3), 2 * GB)
+
+    await tick(api, local(10, 0, 1))
+    assert await lines(api, a) == [
+        ("2026-11-01", "traffic", "tier 1", "3", 600, False),
+        ("2026-11-02", "traffic", "tier 1", "1", 200, False),
+        ("2026-11-03", "traffic", "tier 1", "2", 400, False),
+    ]
+    assert (await money(api, a))["balance_fen"] == -1200
+    before = (await lines(api, a), await money(api, a), await api.version())
+    await tick(api, local(10, 0, 2))  # settling again changes nothing
+    assert (await lines(api, a), await money(api, a), await api.version()) == before
+
+    await tick(api, local(11, 0, 1))  # on time again: Nov 10 owed 1200 fen all day
+    api.app[CLOCK].set(local(11, 12))
+    pay = {"amount_fen": 900, "reference": "part"}  # pays fees first: 300 fen of fees left
+    paid = await api.ok("POST", f"/v1/accounts/{a}/payments", body=pay)
+    assert (paid["balance_fen"], paid["penalty_accrued_fen"]) == (-306, 6)
+    await tick(api, local(12, 0, 1))
+    assert (await lines(api, a))[3:] == [
+        ("2026-11-10", "late_penalty", "7.5", "1200", 6, False),  # 0.5 % of 1200 fen
+        ("2026-11-11", "late_penalty", "7.5", "300", 2, False),  # 1.5 fen, half up
+    ]
+    view = await money(api, a)
+    assert (view["balance_fen"], view["penalty_accrued_fen"]) == (-308, 8)
+
+
+async def test_a_debt_billed_on_time_keeps_its_penalty_through_a_backlog(api: Api) -> None:
+    """Nov 1 is settled on time (its 600 fen billed on Nov 2), then the control plane is down
+    until Nov 5, when Nov 2-4 are settled at once: each of those days is charged 0.5 % of the
+    600 fen, not of the debts of Nov 2 and 3, which the catch-up itself billed."""
+    api.app[CLOCK].set(local(1))
+    a, token = await billed_account(api, "gap", "postpaid")
+    await api.domain(token, "www.gap.test")
+    await add_usage(api, a, "www.gap.test", local(1, 3), 3 * GB)
+    await add_usage(api, a, "www.gap.test", local(2, 3), GB)
+    await add_usage(api, a, "www.gap.test", local(3, 3), 2 * GB)
+    await tick(api, local(2, 0, 1))
+    await tick(api, local(5, 0, 1))
+    await tick(api, local(6, 0, 1))
+    assert await lines(api, a) == [
+        ("2026-11-01", "traffic", "tier 1", "3", 600, False),
+        ("2026-11-02", "traffic", "tier 1", "1", 200, False),
+        ("2026-11-02", "late_penalty", "7.5", "600", 3, False),
+        ("2026-11-03", "traffic", "tier 1", "2", 400, False),
+        ("2026-11-03", "late_penalty", "7.5", "600", 3, False),  # not 800
+        ("2026-11-04", "late_penalty", "7.5", "600", 3, False),  # not 1200
+        ("2026-11-05", "late_penalty", "7.5", "1200", 6, False),  # on time: all of it
+    ]
+    view = await money(api, a)
+    assert (view["balance_fen"], view["penalty_accrued_fen"]) == (-1215, 15)
+
+
 async def test_bandwidth_billing_by_daily_peak_with_late_usage(api: Api) -> None:
     api.app[CLOCK].set(local(1))
     a, _ = await billed_account(api, "bw", "postpaid")
@@ -438,23 +500,24 @@ async def test_settle_by_date_adjusts_late_usage_and_enforces(api: Api) -> None:
     a, token = await billed_account(api, "cli", "postpaid")
     await api.domain(token, "www.cli.test")
     await add_usage(api, a, "www.cli.test", local(1, 1), GB)
-    clock.set(local(3))
+    clock.set(local(2, 0, 1))
     first = await billing.settle(api.engine, date(2026, 11, 1), clock=clock)
     assert [c.line() for c in first] == [
         f"account {a}: 2026-11-01 charge 200 fen, balance -200 fen"
     ]
 
     await add_usage(api, a, "www.cli.test", local(1, 5), GB)  # an edge that was offline
-    clock.set(local(4, 0, 1))  # 24 h after the arrears began
+    clock.set(local(3, 0, 1))  # 24 h after the arrears began
     done = await billing.settle(api.engine, date(2026, 11, 2), clock=clock)
     assert [c.line() for c in done] == [
         f"account {a}: 2026-11-01 adjustment 200 fen, balance -400 fen",
-        f"account {a}: 2026-11-02 charge 2 fen, balance -402 fen",  # 0.5 % of 400 fen
+        f"account {a}: 2026-11-02 charge 1 fen, balance -401 fen",
     ]
     assert await lines(api, a) == [
         ("2026-11-01", "traffic", "tier 1", "1", 200, False),
         ("2026-11-01", "traffic", "tier 1", "1", 200, True),
-        ("2026-11-02", "late_penalty", "7.5", "400", 2, False),
+        # 0.5 % of the 200 fen billed during Nov 2; the adjustment was billed after it ended
+        ("2026-11-02", "late_penalty", "7.5", "200", 1, False),
     ]
     [(state_name, reason)] = await state_changes(api, "www.cli.test")
     assert state_name == "suspended" and reason.startswith(billing.ARREARS)

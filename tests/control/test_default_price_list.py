@@ -64,7 +64,8 @@ async def test_without_terms_the_default_list_bills_from_the_accounts_creation(
     assert reply.status == 409 and NOT_CONFIGURED in reply.body["detail"]
 
     # The operator marks a default list: the next run bills every day since the account was
-    # created under it, in traffic mode (Nov 2 carries the late penalty on Nov 1's 600 fen).
+    # created under it, in traffic mode (no late penalty on Nov 2: Nov 1's 600 fen were billed
+    # only now, after Nov 2 ended, so they were not unpaid on Nov 2).
     listed = await api.ok("PUT", "/v1/price-lists/std", body={**PRICES, "default": True})
     assert listed["default"] is True
     caplog.clear()
@@ -73,14 +74,13 @@ async def test_without_terms_the_default_list_bills_from_the_accounts_creation(
     assert await lines(api, a) == [
         ("2026-11-01", "traffic", "tier 1", "3", 600, False),
         ("2026-11-02", "traffic", "tier 1", "1", 200, False),
-        ("2026-11-02", "late_penalty", "7.5", "600", 3, False),
     ]
     view = await money(api, a)
-    assert (view["price_list"], view["charge_by"], view["balance_fen"]) == ("std", "traffic", -803)
+    assert (view["price_list"], view["charge_by"], view["balance_fen"]) == ("std", "traffic", -800)
     idle = await money(api, b)
     assert (idle["price_list"], idle["balance_fen"]) == ("std", 0)
     bill = await api.ok("GET", "/v1/bills?month=2026-11", token)
-    assert bill["totals"]["amount_fen"] == 803 and bill["price_list"] == "std"
+    assert bill["totals"]["amount_fen"] == 800 and bill["price_list"] == "std"
     audit = await api.ok("GET", "/v1/audit", token)
     [adopted] = [e for e in audit["entries"] if e["action"] == "billing.default_terms"]
     assert (adopted["actor"], adopted["detail"]) == (
@@ -100,11 +100,11 @@ async def test_without_terms_the_default_list_bills_from_the_accounts_creation(
     assert terms["price_list"] == "gold"
     await add_usage(api, a, "www.plain.test", local(3, 13), 2 * GB)
     await tick(api, local(4, 0, 1))
-    assert (await lines(api, a))[3:] == [
+    assert (await lines(api, a))[2:] == [
         ("2026-11-03", "traffic", "tier 1", "2", 200, False),
-        ("2026-11-03", "late_penalty", "7.5", "800", 4, False),
+        ("2026-11-03", "late_penalty", "7.5", "800", 4, False),  # billed on Nov 3, unpaid
     ]
-    assert (await money(api, a))["balance_fen"] == -803 - 204
+    assert (await money(api, a))["balance_fen"] == -800 - 204
 
 
 async def test_a_payment_adopts_the_default_and_billing_starts_with_the_account(api: Api) -> None:
@@ -170,7 +170,8 @@ async def test_terms_set_later_bill_the_days_since_the_account_was_created(api: 
         "PUT", f"/v1/accounts/{a}/billing", body={"charge_by": "traffic", "price_list": "gold"}
     )
     await tick(api, local(3, 0, 1))
-    assert await lines(api, a) == [
+    assert await lines(api, a) == [  # Nov 1 billed after Nov 2 ended: no penalty on Nov 2
         ("2026-11-01", "traffic", "tier 1", "2", 200, False),
-        ("2026-11-02", "late_penalty", "7.5", "200", 1, False),  # as if settled on time
     ]
+    await tick(api, local(4, 0, 1))
+    assert (await lines(api, a))[1:] == [("2026-11-03", "late_penalty", "7.5", "200", 1, False)]

@@ -490,6 +490,26 @@ def test_late_penalty(unpaid: int, penalty: int) -> None:
     assert late_penalty_fen(unpaid) == penalty
 
 
+@pytest.mark.parametrize(
+    ("billed_since", "base", "penalty"),
+    [(0, 1200, 6), (600, 600, 3), (1100, 100, 1), (1200, 0, 0), (5000, 0, 0)],
+)
+def test_penalty_excludes_fees_billed_after_the_day(
+    billed_since: int, base: int, penalty: int
+) -> None:
+    # 1200 fen of fees unpaid (and 9 of penalties) at the settlement; of them, `billed_since`
+    # were billed after the day ended (a backlog), so were not unpaid on the day (7.5).
+    state = AccountState(balance_fen=-1209, penalty_accrued_fen=9)
+    settled = settle_day(TRAFFIC, PRICES, DAY, [], state, billed_since_day_end_fen=billed_since)
+    assert settled.penalty_fen == penalty
+    assert settled.state.balance_fen == -1209 - penalty
+    assert [
+        (line.quantity, line.amount_fen) for line in settled.lines if line.kind == "late_penalty"
+    ] == ([(Decimal(base), penalty)] if penalty else [])
+    with pytest.raises(ValueError, match="negative"):
+        settle_day(TRAFFIC, PRICES, DAY, [], state, billed_since_day_end_fen=-1)
+
+
 def test_unpaid_fees_exclude_penalties() -> None:
     assert unpaid_fees_fen(100, 0) == 0
     assert unpaid_fees_fen(0, 0) == 0
@@ -703,17 +723,32 @@ terms_st = st.builds(
 )
 
 
-@given(terms_st, account_states(), usages(), st.randoms(use_true_random=False))
+billed_since_st = st.one_of(st.just(0), st.integers(0, 2 * 10**6))
+"""Fees billed after the day ended: 0 on time, any amount in a backlog."""
+
+
+@given(terms_st, account_states(), usages(), billed_since_st, st.randoms(use_true_random=False))
 def test_settlement_is_deterministic_and_conserves(
-    terms: AccountTerms, state: AccountState, usage: list[Bucket], rnd: random.Random
+    terms: AccountTerms,
+    state: AccountState,
+    usage: list[Bucket],
+    billed_since: int,
+    rnd: random.Random,
 ) -> None:
-    first = settle_day(terms, SMALL, DAY, usage, state)
-    assert settle_day(terms, SMALL, DAY, usage, state) == first  # running it twice: the same
+    first = settle_day(terms, SMALL, DAY, usage, state, billed_since_day_end_fen=billed_since)
+    # running it twice: the same
+    assert (
+        settle_day(terms, SMALL, DAY, usage, state, billed_since_day_end_fen=billed_since) == first
+    )
     shuffled = list(usage)
     rnd.shuffle(shuffled)
     pkgs = list(state.packages)
     rnd.shuffle(pkgs)
-    assert settle_day(terms, SMALL, DAY, shuffled, replace(state, packages=tuple(pkgs))) == first
+    reordered = replace(state, packages=tuple(pkgs))
+    assert (
+        settle_day(terms, SMALL, DAY, shuffled, reordered, billed_since_day_end_fen=billed_since)
+        == first
+    )
 
     traffic = sum(b.bytes_sent for b in usage)
     covered = sum(n for _, n in first.record.consumed)
@@ -723,6 +758,12 @@ def test_settlement_is_deterministic_and_conserves(
     assert sum(line.amount_fen for line in first.lines) == first.charge_fen + first.penalty_fen
     assert first.state.balance_fen == state.balance_fen - first.charge_fen - first.penalty_fen
     assert first.in_arrears == (first.state.balance_fen < 0)
+    # 7.5, decision 6: the penalty's base is the unpaid fees billed before the day ended
+    unpaid = unpaid_fees_fen(state.balance_fen, state.penalty_accrued_fen)
+    assert first.penalty_fen == late_penalty_fen(max(0, unpaid - billed_since))
+    on_time = settle_day(terms, SMALL, DAY, usage, state)
+    assert first.penalty_fen <= on_time.penalty_fen
+    assert (first.charge_fen, first.record) == (on_time.charge_fen, on_time.record)
     if terms.charge_by == "traffic":
         assert first.charge_fen == traffic_charge_fen(
             state.month_billable_bytes, first.record.uncovered_bytes, SMALL
@@ -766,14 +807,17 @@ def comparable(lines: tuple[BillLine, ...]) -> dict[tuple[str, str], tuple[Decim
     return {k: v for k, v in line_totals(lines).items() if v != (Decimal(0), 0)}
 
 
-@given(terms_st, account_states(), partial_and_full())
+@given(terms_st, account_states(), partial_and_full(), billed_since_st)
 def test_settle_partial_plus_adjust_equals_settle_full(
-    terms: AccountTerms, state: AccountState, usage: tuple[list[Bucket], list[Bucket]]
+    terms: AccountTerms,
+    state: AccountState,
+    usage: tuple[list[Bucket], list[Bucket]],
+    billed_since: int,
 ) -> None:
     partial, full = usage
-    first = settle_day(terms, SMALL, DAY, partial, state)
+    first = settle_day(terms, SMALL, DAY, partial, state, billed_since_day_end_fen=billed_since)
     adjusted = adjust_day(terms, SMALL, first.record, full, first.state)
-    whole = settle_day(terms, SMALL, DAY, full, state)
+    whole = settle_day(terms, SMALL, DAY, full, state, billed_since_day_end_fen=billed_since)
 
     assert comparable(first.lines + adjusted.lines) == comparable(whole.lines)
     assert first.charge_fen + adjusted.charge_fen == whole.charge_fen
