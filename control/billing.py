@@ -137,6 +137,10 @@ class Busy(Exception):
     """Another control replica is settling now."""
 
 
+BUSY_EXIT = 3
+"""`cdn control settle`'s exit code when another replica is settling: run it again later."""
+
+
 @dataclass(frozen=True, slots=True)
 class DayCharge:
     """What a run did for one account-day: the day's charge (None: not settled), the balance."""
@@ -883,6 +887,30 @@ def _nothing() -> None:
     """No feed to wake (the command line: edges hear PostgreSQL's NOTIFY or the next poll)."""
 
 
+@dataclass(frozen=True, slots=True)
+class AccountFailure:
+    """An account whose billing failed in a run (the others' went on)."""
+
+    account_id: int
+    error: Exception
+
+    def line(self) -> str:
+        kind = type(self.error).__name__
+        reason = " ".join(str(self.error).splitlines())
+        what = f"{kind}: {reason}" if reason else kind
+        return f"account {self.account_id}: {what}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a run did (`DayCharge`s), the accounts whose billing failed, and whether it stopped
+    early because another replica is settling."""
+
+    charges: tuple[DayCharge, ...]
+    failures: tuple[AccountFailure, ...]
+    busy: bool
+
+
 async def settle(
     engine: AsyncEngine,
     day_or_now: date | datetime,
@@ -891,28 +919,55 @@ async def settle(
     grace: timedelta = ARREARS_GRACE,
     changed: Callable[[], None] = _nothing,
 ) -> list[DayCharge]:
+    """`settle_run` for the scheduler: what it settled and adjusted; the accounts that failed
+    are logged with their tracebacks."""
+    run = await settle_run(engine, day_or_now, clock=clock, grace=grace, changed=changed)
+    for failure in run.failures:
+        log.error("billing %s", failure.line(), exc_info=failure.error)
+    if run.busy:
+        log.info("another control replica is settling; this run stops")
+    return list(run.charges)
+
+
+async def settle_run(
+    engine: AsyncEngine,
+    day_or_now: date | datetime,
+    *,
+    clock: Clock,
+    grace: timedelta = ARREARS_GRACE,
+    changed: Callable[[], None] = _nothing,
+) -> Settlement:
     """Settle what is due.
 
     First, accounts without billing terms get the default price list's (or a warning names
     them). With an instant (the scheduler): for every account with billing terms, adjust
     settled days for late usage, settle every billing day that has ended at that instant, then
     suspend for arrears after `grace`, send package notices and carry out a termination that is
-    due; returns what was settled and adjusted. With a date (`cdn control settle --date`): the same
-    at `clock`'s instant, except that no day after the date is settled; returns the adjustments,
-    then one entry per account with that day's charge. Running either twice changes nothing.
-    Stops early when another replica is settling (PostgreSQL).
+    due; the charges are what was settled and adjusted. With a date (`cdn control settle
+    --date`): the same at `clock`'s instant, except that no day after the date is settled; the
+    charges are the adjustments, then one entry per account with that day's charge. Running
+    either twice changes nothing. An account whose billing fails is a failure; the others are
+    billed. Stops early (`busy`) when another replica is settling (PostgreSQL).
     """
-    done: list[DayCharge] = []
+    charges: list[DayCharge] = []
+    failures: list[AccountFailure] = []
     try:
         await _bill_every_account(engine, clock.now(), changed)
         for account_id in await _account_ids(engine):
-            if isinstance(day_or_now, datetime):
-                done += await _run_due(engine, account_id, day_or_now, grace, clock, changed)
-            else:
-                done += await _settle_date(engine, account_id, day_or_now, grace, clock, changed)
+            try:
+                if isinstance(day_or_now, datetime):
+                    charges += await _run_due(engine, account_id, day_or_now, grace, clock, changed)
+                else:
+                    charges += await _settle_date(
+                        engine, account_id, day_or_now, grace, clock, changed
+                    )
+            except Busy:
+                raise
+            except Exception as exc:  # one account's failure must not stop the others' billing
+                failures.append(AccountFailure(account_id, exc))
     except Busy:
-        log.info("another control replica is settling; this run stops")
-    return done
+        return Settlement(tuple(charges), tuple(failures), busy=True)
+    return Settlement(tuple(charges), tuple(failures), busy=False)
 
 
 async def _run_due(
@@ -925,22 +980,16 @@ async def _run_due(
     through: date | None = None,
 ) -> list[DayCharge]:
     """Adjust, settle (the days due at `at`, none after `through`) and enforce one account."""
-    try:
-        async with engine.connect() as conn:
-            account = await _load(conn, account_id, lock=False)
-        if account is None:
-            return []
-        last = _last_due_day(account, at)
-        if through is not None:
-            last = min(last, through)
-        done = await _adjust_late(engine, account_id, at, clock, changed)
-        done += await _settle_through(engine, account_id, last, clock, changed)
-        await _enforce(engine, account_id, at, grace, clock, changed)
-    except Busy:
-        raise
-    except Exception:  # one account's failure must not stop the others' billing
-        log.exception("billing account %d failed", account_id)
+    async with engine.connect() as conn:
+        account = await _load(conn, account_id, lock=False)
+    if account is None:
         return []
+    last = _last_due_day(account, at)
+    if through is not None:
+        last = min(last, through)
+    done = await _adjust_late(engine, account_id, at, clock, changed)
+    done += await _settle_through(engine, account_id, last, clock, changed)
+    await _enforce(engine, account_id, at, grace, clock, changed)
     return done
 
 
@@ -982,14 +1031,16 @@ async def _settle_date(
 
 
 def settle_main(path: str, day_text: str) -> int:
-    """`cdn control settle --config FILE --date YYYY-MM-DD`: one line per account; exit 2 for a
-    bad config or date, 1 when the database cannot be used or another replica is settling."""
+    """`cdn control settle --config FILE --date YYYY-MM-DD`: one line per account on stdout.
+    Exit 0 when every account settled; 1 with one line per failed account on stderr (the
+    traceback at the DEBUG log level), or when the database cannot be used; 2 for a bad config
+    or date; 3 when another replica is settling (after printing what this run did)."""
     from control.config import load_config
     from control.db import engine_for, migrate
     from edge.config import ConfigError
 
     try:
-        config = load_config(path)
+        config = load_config(path, serving=False)
     except ConfigError as exc:
         print(f"cdn: {exc}", file=sys.stderr)
         return 2
@@ -1002,12 +1053,12 @@ def settle_main(path: str, day_text: str) -> int:
         print(f"cdn: --date: {day_text!r} is not a date YYYY-MM-DD ({exc})", file=sys.stderr)
         return 2
 
-    async def run() -> list[DayCharge]:
+    async def run() -> Settlement:
         engine = engine_for(config.database)
         try:
             await migrate(engine)
             grace = timedelta(seconds=config.arrears_grace)
-            return await settle(engine, day, clock=Clock(), grace=grace)
+            return await settle_run(engine, day, clock=Clock(), grace=grace)
         finally:
             await engine.dispose()
 
@@ -1016,8 +1067,20 @@ def settle_main(path: str, day_text: str) -> int:
     except SQLAlchemyError as exc:
         print(f"cdn: control settle: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 1
-    for charge in done:
+    for charge in done.charges:
         print(charge.line())
+    for failure in done.failures:
+        log.debug("billing %s", failure.line(), exc_info=failure.error)
+        print(f"cdn: control settle: {failure.line()}", file=sys.stderr)
+    if done.failures:
+        return 1
+    if done.busy:
+        print(
+            "cdn: control settle: another control replica is settling now; this run stopped "
+            "early: run it again when that one is done",
+            file=sys.stderr,
+        )
+        return BUSY_EXIT
     return 0
 
 
@@ -1462,6 +1525,11 @@ async def get_balance(request: web.Request) -> web.StreamResponse:
 
 
 _MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
+_MONTH_PARAM = QueryParam(
+    "month",
+    {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"},
+    "YYYY-MM (default: the month in progress in the account's timezone)",
+)
 
 
 @routes.route(
@@ -1470,10 +1538,26 @@ _MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
     "The caller's bill for a month: lines by day, totals, balance and packages",
     who=ACCOUNTS,
     scope="billing:read",
-    query=(QueryParam("month", {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}, "YYYY-MM"),),
+    query=(_MONTH_PARAM,),
 )
 async def get_bills(request: web.Request) -> web.StreamResponse:
-    account_id = account_of(caller(request))
+    return await _bill(request, account_of(caller(request)))
+
+
+@routes.route(
+    "GET",
+    "/v1/accounts/{id}/bills",
+    "An account's bill for a month (terminated accounts included: the final bill and refund)",
+    who=OPERATOR,
+    query=(_MONTH_PARAM,),
+)
+async def get_account_bills(request: web.Request) -> web.StreamResponse:
+    return await _bill(request, path_id(request))
+
+
+async def _bill(request: web.Request, account_id: int) -> web.StreamResponse:
+    """The account's bill for the `month` of the query: 404 without the account or when its
+    billing is not configured, 422 for a bad month."""
     at = request.app[CLOCK].now()
     account = await _readable(request, account_id, at)
     async with reading(request) as conn:

@@ -85,8 +85,9 @@ class ControlConfig:
         )
 
 
-def load_config(path: str | os.PathLike[str]) -> ControlConfig:
-    """Read and validate the file at `path`; the admin token may come from `CDN_ADMIN_TOKEN`."""
+def load_config(path: str | os.PathLike[str], *, serving: bool = True) -> ControlConfig:
+    """Read and validate the file at `path`; the admin token may come from `CDN_ADMIN_TOKEN`;
+    `serving` as in `parse_config`."""
     source = os.fspath(path)
     try:
         with open(source, "rb") as file:
@@ -95,11 +96,17 @@ def load_config(path: str | os.PathLike[str]) -> ControlConfig:
         raise ConfigError(source, "(file)", exc.strerror or str(exc)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(source, "(file)", f"not UTF-8 text: {exc}") from exc
-    return parse_config(text, source, env=os.environ)
+    return parse_config(text, source, env=os.environ, serving=serving)
 
 
-def parse_config(text: str, source: str, *, env: Mapping[str, str]) -> ControlConfig:
-    """Validate TOML `text`; `env` supplies `CDN_ADMIN_TOKEN` when the file has no token."""
+def parse_config(
+    text: str, source: str, *, env: Mapping[str, str], serving: bool = True
+) -> ControlConfig:
+    """Validate TOML `text`; `env` supplies `CDN_ADMIN_TOKEN` when the file has no token.
+
+    `serving=False` is for the jobs run by hand (`cdn control settle`, `logs-retention`): they
+    serve no API, so the admin token and `cname_suffix`, which only the API uses, may be absent
+    (either is still checked when given). The server always requires both."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -136,7 +143,7 @@ def parse_config(text: str, source: str, *, env: Mapping[str, str]) -> ControlCo
         raise fail("control.database", str(exc)) from None
 
     admin_token = string("admin_token", "") or env.get(ADMIN_TOKEN_ENV, "")
-    if not admin_token:
+    if not admin_token and serving:
         raise fail(
             "control.admin_token",
             f"is empty: set it here or in the environment variable {ADMIN_TOKEN_ENV} "
@@ -149,10 +156,10 @@ def parse_config(text: str, source: str, *, env: Mapping[str, str]) -> ControlCo
     if secret_key and len(secret_key) < 32:
         raise fail("control.secret_key", "is too short: use at least 32 random characters")
 
-    if "cname_suffix" not in table:
+    if "cname_suffix" not in table and serving:
         raise fail("control.cname_suffix", "is required (domains get CNAME <name>.<cname_suffix>)")
     cname_suffix = string("cname_suffix", "").lower().removesuffix(".")
-    if not _DNS_NAME.fullmatch(cname_suffix):
+    if "cname_suffix" in table and not _DNS_NAME.fullmatch(cname_suffix):
         raise fail("control.cname_suffix", f"{table['cname_suffix']!r} is not a DNS name")
 
     def seconds(key: str, default: float) -> float:

@@ -962,7 +962,7 @@ def retention_main(path: str) -> int:
     from edge.config import ConfigError
 
     try:
-        config = load_config(path)
+        config = load_config(path, serving=False)
     except ConfigError as exc:
         print(f"cdn: {exc}", file=sys.stderr)
         return 2

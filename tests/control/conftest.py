@@ -45,7 +45,7 @@ def _unreachable(reason: str) -> None:
     pytest.skip(message)
 
 
-async def _admin_connection() -> asyncpg.Connection:
+async def admin_connection() -> asyncpg.Connection:
     try:
         return await asyncpg.connect(PG_URL, timeout=5)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
@@ -65,7 +65,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         return
 
     schema = f"t_{secrets.token_hex(6)}"
-    admin = await _admin_connection()
+    admin = await admin_connection()
     try:
         await admin.execute(f'CREATE SCHEMA "{schema}"')
         eng = engine_for(PG_URL, connect_args={"server_settings": {"search_path": schema}})

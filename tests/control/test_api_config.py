@@ -110,6 +110,20 @@ def test_bad_configs_name_the_key(text: str, key: str, problem: str) -> None:
     assert "\n" not in str(excinfo.value) and str(excinfo.value).startswith("c.toml: ")
 
 
+def test_jobs_run_by_hand_need_no_admin_token_or_cname_suffix() -> None:
+    """`cdn control settle` and `logs-retention` serve no API: neither key is required, but
+    either is still checked when given."""
+    job = parse_config('[control]\ndatabase = "sqlite:///x.db"\n', "c.toml", env={}, serving=False)
+    assert (job.database, job.admin_token, job.cname_suffix) == ("sqlite:///x.db", "", "")
+    for text, key in [
+        ('[control]\nadmin_token = "a b"\n', "control.admin_token"),
+        ('[control]\ncname_suffix = "x y"\n', "control.cname_suffix"),
+    ]:
+        with pytest.raises(ConfigError) as excinfo:
+            parse_config(text, "c.toml", env={}, serving=False)
+        assert excinfo.value.key == key
+
+
 def test_the_example_documents_every_key_and_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     example = ROOT / "configs" / "control.example.toml"
     keys = set(re.findall(r"^(\w+) =", example.read_text(), re.MULTILINE))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -16,10 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from control import billing, rating
@@ -37,7 +40,7 @@ from control.schema import (
 )
 from edge.meter import FIELDS
 
-from .conftest import Api
+from .conftest import PG_URL, Api, admin_connection
 
 ROOT = Path(__file__).resolve().parents[2]
 GB = 10**9
@@ -418,6 +421,50 @@ async def test_termination_now_refunds_unconsumed_prepayment(api: Api) -> None:
     assert await lines(api, a) == before
 
 
+async def test_the_operator_reads_any_accounts_bills_terminated_ones_included(api: Api) -> None:
+    """After a termination (5.5) the account's tokens are dead: the operator fetches its final
+    bill, with the refund line, and its balance; a customer token reaches no other account's."""
+    api.app[CLOCK].set(local(1))
+    a, token = await billed_account(api, "closed")
+    _, other_token = await billed_account(api, "other")
+    await api.ok("POST", f"/v1/accounts/{a}/payments", body={"amount_fen": 5000, "reference": "1"})
+    body = {"quota_bytes": 10 * GB, "valid_days": 30, "price_fen": 1000}
+    await api.ok("POST", f"/v1/accounts/{a}/packages", body=body)
+    await add_usage(api, a, "www.closed.test", local(1, 1), 6 * GB)  # 4 of its 10 GB unused
+    api.app[CLOCK].set(local(2, 12))
+    await api.ok("POST", f"/v1/accounts/{a}/termination", body={"now": True, "reason": "breach"})
+    assert (await api.call("GET", "/v1/bills?month=2026-11", token)).status == 401
+
+    bill = await api.ok("GET", f"/v1/accounts/{a}/bills?month=2026-11")
+    assert bill["month"] == "2026-11" and bill["account_id"] == a
+    # Refunded: the 4000 fen balance left after the package's price, and 4 of the package's
+    # 10 GB unused, 400 of its 1000 fen, credited to the balance by the refund line.
+    assert [(d["day"], d["amount_fen"]) for d in bill["days"]] == [
+        ("2026-11-01", 1000),
+        ("2026-11-02", -400),
+    ]
+    [refund] = bill["days"][-1]["lines"]
+    assert (refund["kind"], refund["quantity"], refund["unit"], refund["amount_fen"]) == (
+        "refund",
+        "4400",
+        "fen",
+        -400,
+    )
+    assert bill["totals"] == {
+        "amount_fen": 600,
+        "by_kind": {"package_purchase": 1000, "package": 0, "refund": -400},
+    }
+    assert bill["balance_fen"] == 4400 and instant(bill["termination_at"]) == local(2, 12)
+    assert (await money(api, a))["balance_fen"] == 4400
+    assert (await api.ok("GET", f"/v1/accounts/{a}/bills?month=2026-10"))["days"] == []
+
+    assert (await api.call("GET", f"/v1/accounts/{a}/bills", other_token)).status == 403
+    missing = await api.call("GET", "/v1/accounts/999/bills?month=2026-11")
+    assert missing.status == 404 and missing.content_type == "application/problem+json"
+    bad = await api.call("GET", f"/v1/accounts/{a}/bills?month=2026-13")
+    assert bad.status == 422
+
+
 async def test_late_usage_after_termination_is_not_billed(api: Api) -> None:
     api.app[CLOCK].set(local(1))
     a, token = await billed_account(api, "late")
@@ -708,6 +755,138 @@ def test_cdn_control_settle_command(tmp_path: Path) -> None:
     bad = subprocess.run([*cdn, "--date", "2026-11-31"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "2026-11-31" in bad.stderr and bad.stdout == ""
+
+
+def _cdn(*args: str) -> subprocess.CompletedProcess[str]:
+    """`cdn ARGS` in a subprocess, without an admin token in its environment."""
+    env = {k: v for k, v in os.environ.items() if k != "CDN_ADMIN_TOKEN"}
+    return subprocess.run(
+        [sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+
+
+def _errors(run: subprocess.CompletedProcess[str]) -> list[str]:
+    """The command's own lines on stderr (log records aside)."""
+    return [line for line in run.stderr.splitlines() if line.startswith("cdn:")]
+
+
+def test_cdn_control_settle_needs_no_admin_token_and_fails_per_account(tmp_path: Path) -> None:
+    """`cdn control settle` reads only the database and the billing settings: no admin token or
+    cname_suffix (the server still requires both). One account whose billing fails is one line
+    on stderr and exit 1, the others are settled; once it is repaired, exit 0."""
+    database = tmp_path / "control.db"
+    engine = engine_for(f"sqlite:///{database}")
+    broken = [{"up_to_gb": 10, "fen_per_gb": "200"}]  # no unbounded last tier: not a price list
+
+    async def seed() -> None:
+        try:
+            await _seed(engine)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    accounts.insert().values(
+                        id=2,
+                        name="broken",
+                        billing="postpaid",
+                        timezone="Asia/Shanghai",
+                        state="active",
+                        state_reason="",
+                        created_at=local(1),
+                    )
+                )
+                await conn.execute(
+                    price_lists.insert().values(
+                        id=2,
+                        name="broken",
+                        traffic_tiers=broken,
+                        fen_per_mbps_day="100",
+                        gb_bytes=GB,
+                        created_at=local(1),
+                    )
+                )
+                await conn.execute(
+                    account_billing.insert().values(
+                        account_id=2, charge_by="traffic", price_list_id=2, created_at=local(1)
+                    )
+                )
+        finally:
+            await engine.dispose()
+
+    async def repair() -> None:
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    price_lists.update()
+                    .where(price_lists.c.id == 2)
+                    .values(traffic_tiers=PRICES["traffic_tiers"])
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seed())
+    config = tmp_path / "control.toml"
+    config.write_text(f'[control]\ndatabase = "sqlite:///{database}"\n')
+    settle = ("control", "settle", "--config", str(config), "--date", "2026-11-01")
+    charged = "account 1: 2026-11-01 charge 200 fen, balance -200 fen\n"
+
+    failed = _cdn(*settle)
+    assert (failed.returncode, failed.stdout) == (1, charged), failed.stderr
+    assert _errors(failed) == [
+        "cdn: control settle: account 2: ValueError: "
+        "only the last traffic tier is unbounded, and it must be"
+    ]
+    assert "Traceback" not in failed.stderr
+    debug = _cdn("--log-level", "DEBUG", *settle)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+    asyncio.run(repair())
+    done = _cdn(*settle)
+    assert (done.returncode, done.stdout, _errors(done)) == (
+        0,
+        charged + "account 2: 2026-11-01 charge 0 fen, balance 0 fen\n",
+        [],
+    )
+    server = _cdn("control", "--config", str(config))
+    assert server.returncode == 2 and _errors(server)[0].endswith(
+        "control.admin_token: is empty: set it here or in the environment variable "
+        "CDN_ADMIN_TOKEN (the operator's token; the control plane has no other way in)"
+    ), server.stderr
+
+
+async def test_cdn_control_settle_exits_3_while_another_replica_settles(tmp_path: Path) -> None:
+    """On PostgreSQL the settlement lock is held by another replica: one line, exit 3, nothing
+    settled; run again once it is free, it settles."""
+    admin = await admin_connection()
+    name = f"settle_busy_{secrets.token_hex(4)}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = str(make_url(PG_URL).set(database=name))
+        engine = engine_for(url)
+        try:
+            await _seed(engine)
+        finally:
+            await engine.dispose()
+        replica = await asyncpg.connect(url)
+        config = tmp_path / "control.toml"
+        config.write_text(f'[control]\ndatabase = "{url}"\n')
+        settle = ("control", "settle", "--config", str(config), "--date", "2026-11-01")
+        try:
+            await replica.execute("SELECT pg_advisory_lock($1)", billing._PG_SETTLE_LOCK_KEY)
+            busy = await asyncio.to_thread(_cdn, *settle)
+        finally:
+            await replica.close()
+        assert (busy.returncode, busy.stdout) == (3, ""), busy.stderr
+        assert _errors(busy) == [
+            "cdn: control settle: another control replica is settling now; this run stopped "
+            "early: run it again when that one is done"
+        ]
+        done = await asyncio.to_thread(_cdn, *settle)
+        assert (done.returncode, done.stdout) == (
+            0,
+            "account 1: 2026-11-01 charge 200 fen, balance -200 fen\n",
+        ), done.stderr
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}"')
+        await admin.close()
 
 
 async def test_packages_notice_expiry_and_no_negative_remainders(api: Api) -> None:
