@@ -48,7 +48,7 @@ import stat
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.accesslog import Entry, Exchanged, LineFormatter
@@ -73,6 +73,21 @@ _SCAN_BLOCK = 1 << 16
 Key = tuple[str, str]  # (domain directory, hour)
 
 
+@dataclass(slots=True)
+class Lines:
+    """Whole lines bound for one file, and how many. Counted as they are added: counting the
+    newlines later cost as much as a tenth of making the lines (and held the GIL)."""
+
+    data: bytearray = field(default_factory=bytearray)
+    count: int = 0
+
+    def drop_oldest(self, count: int) -> int:
+        """Drop up to `count` first lines; how many were."""
+        left, cut = drop_lines(bytes(self.data), count)
+        self.data, self.count = bytearray(left), self.count - cut
+        return cut
+
+
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     written: int
@@ -89,12 +104,12 @@ class LogFiles:
         self.slot = slot
         self.formatter = formatter
         self._open: dict[Key, int] = {}
-        # Lines not yet written (each blob whole lines), by file; kept across failed writes.
-        self._pending: dict[Key, list[bytes]] = {}
+        # Lines not yet written, by file; kept across failed writes.
+        self._pending: dict[Key, Lines] = {}
 
     @property
     def pending_lines(self) -> int:
-        return sum(blob.count(b"\n") for blobs in self._pending.values() for blob in blobs)
+        return sum(lines.count for lines in self._pending.values())
 
     def _path(self, key: Key) -> Path:
         return self.root / key[0] / f"{key[1]}.{self.slot}{OPEN_SUFFIX}"
@@ -128,7 +143,7 @@ class LogFiles:
     # --- writing --------------------------------------------------------------------------
     def add(self, entries: list[Entry]) -> int:
         """Format `entries` into the lines to write; how many could not be (lost)."""
-        blobs: dict[Key, bytearray] = {}
+        batch: dict[Key, Lines] = {}
         lost = 0
         for entry in entries:
             try:
@@ -137,14 +152,22 @@ class LogFiles:
                 log.exception("access log: cannot format an entry")
                 lost += 1
                 continue
-            blobs.setdefault((directory, hour), bytearray()).extend(line)
-        self.add_blobs(blobs)
+            lines = batch.setdefault((directory, hour), Lines())
+            lines.data += line
+            lines.count += 1
+        self.add_lines(batch)
         return lost
 
-    def add_blobs(self, blobs: Mapping[Key, bytes | bytearray]) -> None:
-        """Take whole lines to write, by the file (directory, hour) they go to."""
-        for key, blob in blobs.items():
-            self._pending.setdefault(key, []).append(bytes(blob))
+    def add_lines(self, batch: Mapping[Key, Lines]) -> None:
+        """Take lines to write, by the file (directory, hour) they go to (no longer the
+        caller's to change)."""
+        for key, lines in batch.items():
+            pending = self._pending.get(key)
+            if pending is None:
+                self._pending[key] = lines
+            else:  # lines a failed write left
+                pending.data += lines.data
+                pending.count += lines.count
 
     def write(self, entries: list[Entry], now: float) -> WriteResult:
         """Format `entries` (`add`), append every pending line, close ended hours."""
@@ -153,13 +176,13 @@ class LogFiles:
         written = 0
         problems: list[str] = []
         for key in sorted(pending, key=lambda k: k[1]):
-            data = b"".join(pending[key])
+            lines = pending[key]
             try:
-                self._append(key, data)
+                self._append(key, lines.data)
             except OSError as exc:
                 problems.append(f"{self._path(key)}: {exc.strerror or exc}")
                 continue
-            written += data.count(b"\n")
+            written += lines.count
             del pending[key]
         lost += self._bound()
         current = self.formatter.hour(now)
@@ -176,19 +199,7 @@ class LogFiles:
 
     def _bound(self) -> int:
         """Drop the oldest pending lines past MAX_PENDING_LINES; how many."""
-        excess = self.pending_lines - MAX_PENDING_LINES
-        dropped = 0
-        for key in sorted(self._pending, key=lambda k: k[1]):
-            if excess <= 0:
-                break
-            left, cut = drop_lines(b"".join(self._pending[key]), excess)
-            if left:
-                self._pending[key] = [left]
-            else:
-                del self._pending[key]
-            excess -= cut
-            dropped += cut
-        return dropped
+        return drop_oldest(self._pending, MAX_PENDING_LINES)
 
     def drop_pending(self) -> int:
         """Forget what could not be written (the worker stops); how many lines."""
@@ -202,7 +213,7 @@ class LogFiles:
             os.close(fd)
         self._open.clear()
 
-    def _append(self, key: Key, data: bytes) -> None:
+    def _append(self, key: Key, data: bytes | bytearray) -> None:
         fd = self._open.get(key)
         if fd is None:
             fd = self._open_locked(self._path(key))
@@ -359,6 +370,22 @@ def _compressed_before(fd: int, size: int, directory: Path, hour: str, slot: int
     return False
 
 
+def drop_oldest(batch: dict[Key, Lines], keep: int) -> int:
+    """Drop the oldest lines of `batch` (by hour) past the newest `keep`; how many."""
+    excess = sum(lines.count for lines in batch.values()) - keep
+    dropped = 0
+    for key in sorted(batch, key=lambda k: k[1]):
+        if excess <= 0:
+            break
+        lines = batch[key]
+        cut = lines.drop_oldest(excess)
+        if not lines.count:
+            del batch[key]
+        excess -= cut
+        dropped += cut
+    return dropped
+
+
 def drop_lines(blob: bytes, count: int) -> tuple[bytes, int]:
     """`blob` (whole lines) without its first `count` lines, and how many were dropped."""
     at = 0
@@ -386,12 +413,11 @@ class AccessLogWriter:
         clock: Callable[[], float] = time.time,
         on_change: Callable[[bool], None] | None = None,
     ) -> None:
-        # What `record` made since the last flush: whole lines by file, and how many.
-        self.blobs: dict[Key, bytearray] = {}
-        self.lines = 0
-        self._last_directory: str | None = None  # the key of the last line's buffer
+        # What `record` made since the last flush, by file.
+        self.batch: dict[Key, Lines] = {}
+        self._last_directory: str | None = None  # the key of the last line's `Lines`
         self._last_hour: str | None = None
-        self._last_blob = bytearray()
+        self._last_lines = Lines()
         self.files = LogFiles(root, slot, LineFormatter(edge_id, unknown_domain))
         self.stats = stats
         self.interval = interval
@@ -414,23 +440,29 @@ class AccessLogWriter:
         # The last line's buffer is found by identity (the same strings: the routed domain,
         # the formatter's hour of the second), cheaper than a tuple key's hash each time.
         if directory is self._last_directory and hour is self._last_hour:
-            self._last_blob += line
+            lines = self._last_lines
         else:
-            self._buffer(directory, hour).extend(line)
-        self.lines += 1
+            lines = self._lines_for(directory, hour)
+        lines.data += line
+        lines.count += 1
 
-    def _buffer(self, directory: str, hour: str) -> bytearray:
-        blob = self.blobs.get((directory, hour))
-        if blob is None:
-            blob = self.blobs[(directory, hour)] = bytearray()
-        self._last_directory, self._last_hour, self._last_blob = directory, hour, blob
-        return blob
+    @property
+    def lines(self) -> int:
+        """Lines made since the last flush."""
+        return sum(lines.count for lines in self.batch.values())
 
-    def _take_blobs(self) -> dict[Key, bytearray]:
-        """What `record` collected since the last call; the buffers start over."""
-        blobs, self.blobs, self.lines = self.blobs, {}, 0
+    def _lines_for(self, directory: str, hour: str) -> Lines:
+        lines = self.batch.get((directory, hour))
+        if lines is None:
+            lines = self.batch[(directory, hour)] = Lines()
+        self._last_directory, self._last_hour, self._last_lines = directory, hour, lines
+        return lines
+
+    def _take_batch(self) -> dict[Key, Lines]:
+        """What `record` collected since the last call; it starts over."""
+        batch, self.batch = self.batch, {}
         self._last_directory = self._last_hour = None
-        return blobs
+        return batch
 
     @property
     def failing(self) -> bool:
@@ -465,7 +497,7 @@ class AccessLogWriter:
     async def flush(self) -> None:
         """Hand what was collected to the thread that writes it; wait for it."""
         async with self._lock:
-            self.files.add_blobs(self._take_blobs())
+            self.files.add_lines(self._take_batch())
             writing = asyncio.ensure_future(asyncio.to_thread(self.files.write, [], self.clock()))
             # A disk that hangs (rather than fails) must not let the entries grow unbounded.
             while not (await asyncio.wait({writing}, timeout=self.interval))[0]:
@@ -478,19 +510,8 @@ class AccessLogWriter:
     def _shed(self) -> None:
         """A write still runs after a whole interval: the writer is failing; entries past
         MAX_PENDING_LINES are lost (counted)."""
-        excess = self.lines - MAX_PENDING_LINES
-        self._last_directory = self._last_hour = None  # buffers below may be replaced
-        for key in sorted(self.blobs, key=lambda k: k[1]):
-            if excess <= 0:
-                break
-            left, cut = drop_lines(bytes(self.blobs[key]), excess)
-            if left:
-                self.blobs[key] = bytearray(left)
-            else:
-                del self.blobs[key]
-            self.lines -= cut
-            self.stats.log_lines_lost += cut
-            excess -= cut
+        self._last_directory = self._last_hour = None  # some `Lines` may go
+        self.stats.log_lines_lost += drop_oldest(self.batch, MAX_PENDING_LINES)
         if not self.stats.log_failure:
             self._set_failure("access log writes stalled (disk not answering)")
 
