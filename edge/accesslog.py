@@ -236,7 +236,7 @@ class LineFormatter:
         self.edge = edge
         self.unknown_domain = unknown_domain
         self._second = -1
-        self._ms = -1
+        self._ms = -1.0
         self._prefix = ""  # "YYYY-MM-DDTHH:MM:SS" of `_second`
         self._hour = ""  # "YYYY-MM-DDTHH" of `_second`
         self._time_text = ""  # of `_ms`
@@ -244,9 +244,10 @@ class LineFormatter:
 
     def stamp(self, moment: float) -> tuple[str, str]:
         """(`time` text, hour "YYYY-MM-DDTHH") of a wall-clock time; one strftime a second."""
-        ms = int(moment * 1000)
-        if ms != self._ms:
-            self._ms = ms
+        ms_float = moment * 1e3 // 1.0  # a float: `format` compares it without converting
+        if ms_float != self._ms:
+            self._ms = ms_float
+            ms = int(ms_float)
             if ms // 1000 != self._second:
                 self._second = ms // 1000
                 self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self._second))
@@ -271,7 +272,7 @@ class LineFormatter:
         taking apart a tuple of 14 cost a tenth of the line."""
         # Inline rather than through stamp() and _content_type(): a call costs as much as
         # what each does, and this runs for every request (milliseconds: truncated to the µs).
-        if int(end * 1000) != self._ms:
+        if end * 1e3 // 1.0 != self._ms:
             self.stamp(end)
         hour = self._hour
         response_head = ex.response_head
