@@ -18,7 +18,7 @@ from control.models import (
 )
 from control.schema import audit_log, domains
 from edge.config import parse_domain
-from tests.control.conftest import CNAME_SUFFIX, Api
+from tests.control.conftest import CNAME_SUFFIX, Api, on_one_backend
 
 RULES = [
     {"suffix": [".JPG", ".png"], "ttl": "1h"},
@@ -96,6 +96,7 @@ async def test_update_and_delete_publish_their_changes(api: Api) -> None:
     assert reply.status == 422 and reply.body["errors"][0]["field"] == "name"
 
 
+@on_one_backend
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -35,7 +35,7 @@ from control.schema import (
     tasks,
     url_blocks,
 )
-from tests.control.conftest import SSE
+from tests.control.conftest import SSE, on_one_backend
 
 OP_TOKEN = "op-token"
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
@@ -364,6 +364,7 @@ async def test_a_bad_at_is_400(serve: Serve, edge: tuple[int, str], at: str) -> 
     assert "at" in (await response.json())["detail"]
 
 
+@on_one_backend
 @pytest.mark.parametrize("since", ["abc", "-1", "1.5", "", "%2B1", "1" + "0" * 30, "²"])
 async def test_a_bad_since_is_400(serve: Serve, edge: tuple[int, str], since: str) -> None:
     client, _ = await serve()
@@ -578,6 +579,7 @@ async def test_a_fleet_acking_at_once_is_answered_and_stored_exactly(
     assert [await applied_version(db, edge_id) for edge_id, _ in fleet] == [version] * len(fleet)
 
 
+@on_one_backend
 @pytest.mark.parametrize(
     ("body", "field"),
     [

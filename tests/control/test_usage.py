@@ -13,7 +13,7 @@ from control.scheduler import CLOCK
 from control.schema import usage, usage_batches
 from control.usage import _fixed, _mbps, usage_points, usage_total
 from edge.meter import FIELDS
-from tests.control.conftest import Api, Reply
+from tests.control.conftest import Api, Reply, on_one_backend
 
 T0 = datetime(2026, 11, 10, 15, 50, tzinfo=UTC)  # 23:50 in Shanghai
 FIVE = timedelta(minutes=5)
@@ -128,6 +128,7 @@ def _batch(**change: Any) -> dict[str, Any]:
     return {"batch": "b", "edge": "e", "buckets": [good, good], **change}
 
 
+@on_one_backend
 @pytest.mark.parametrize(
     ("body", "field", "words"),
     [

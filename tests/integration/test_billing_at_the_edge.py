@@ -141,6 +141,7 @@ def gb(nbytes: int, gb_bytes: int = GB) -> str:
     return format((Decimal(nbytes) / gb_bytes).normalize(), "f")
 
 
+@on_one_loop
 async def test_arrears_penalty_suspension_and_resumption_at_the_edge(
     tmp_path: Path, make_origin: Callable[..., Awaitable[Origin]]
 ) -> None:

@@ -1,5 +1,6 @@
 """`cdn up` (what `make run` starts), run as a user runs it: a subprocess, driven with the
-commands it prints. Only the ports and the state directory differ from configs/demo.toml."""
+commands it prints. Only the ports and the state directory differ from configs/demo.toml.
+`cdn up` runs its own event loops, so the test's loop (one of them) only drives the clients."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from tests.integration.test_supervisor import on_one_loop
 from tests.rawhttp import request
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -84,6 +86,7 @@ async def _curl(api: aiohttp.ClientSession, printed: str, marker: str) -> tuple[
         return resp.status, json.loads(await resp.read())
 
 
+@on_one_loop
 async def test_cdn_up_serves_through_an_edge_attached_to_its_control_plane(
     tmp_path: Path,
 ) -> None:

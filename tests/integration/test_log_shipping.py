@@ -22,7 +22,11 @@ from edge.config import ControlSettings, LogSettings
 from edge.logship import LOGS_PATH, LogShipper
 from edge.logwriter import ORPHAN_AFTER
 from tests.integration.edgetest import Clock
-from tests.integration.test_supervisor import free_port
+from tests.integration.test_supervisor import free_port, on_one_loop
+
+# What is tested is the shipper's protocol with the control plane (what is sent, kept, retried,
+# set aside), not the event loop's transports: one loop, uvloop, as `cdn edge` runs by default.
+pytestmark = on_one_loop
 
 TOKEN = "edge-token-123"
 H13 = 1_795_698_000.0  # 2026-11-26T13:00:00 UTC

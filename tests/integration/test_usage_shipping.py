@@ -15,7 +15,12 @@ from aiohttp import web
 
 from edge.meter import GRACE, HIT, MISS, PASS, WINDOW, Bucket, Meter, merge
 from edge.spool import USAGE_PATH, Shipper, Spool
-from tests.integration.test_supervisor import free_port
+from tests.integration.test_supervisor import free_port, on_one_loop
+
+# What is tested is the spool's and the shipper's protocol with the control plane (what is sent,
+# kept, retried, counted once), not the event loop's transports: one loop, uvloop, as `cdn edge`
+# runs by default.
+pytestmark = on_one_loop
 
 TOKEN = "edge-token-123"
 EDGE = "edge-1"
