@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import make_url, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control import billing, rating
 from control.db import engine_for, migrate
@@ -683,36 +683,43 @@ async def test_usage_too_late_to_be_billed_is_logged(
     assert adjustments == [("2026-11-02", "traffic", "tier 1", "5", 1000, True)]
 
 
+async def _billed_account(
+    conn: AsyncConnection, number: int, name: str, tiers: list[dict[str, Any]]
+) -> None:
+    """Account `number`, postpaid, billed by traffic from Nov 1 on its own price list `name`."""
+    await conn.execute(
+        accounts.insert().values(
+            id=number,
+            name=name,
+            billing="postpaid",
+            timezone="Asia/Shanghai",
+            state="active",
+            state_reason="",
+            created_at=local(1),
+        )
+    )
+    await conn.execute(
+        price_lists.insert().values(
+            id=number,
+            name=name,
+            traffic_tiers=tiers,
+            fen_per_mbps_day="100",
+            gb_bytes=GB,
+            created_at=local(1),
+        )
+    )
+    await conn.execute(
+        account_billing.insert().values(
+            account_id=number, charge_by="traffic", price_list_id=number, created_at=local(1)
+        )
+    )
+
+
 async def _seed(engine: AsyncEngine) -> None:
     """A postpaid account billed from Nov 1 with 1 GB on that day (200 fen), straight in the db."""
     await migrate(engine)
     async with engine.begin() as conn:
-        await conn.execute(
-            accounts.insert().values(
-                id=1,
-                name="cli",
-                billing="postpaid",
-                timezone="Asia/Shanghai",
-                state="active",
-                state_reason="",
-                created_at=local(1),
-            )
-        )
-        await conn.execute(
-            price_lists.insert().values(
-                id=1,
-                name="std",
-                traffic_tiers=PRICES["traffic_tiers"],
-                fen_per_mbps_day="100",
-                gb_bytes=GB,
-                created_at=local(1),
-            )
-        )
-        await conn.execute(
-            account_billing.insert().values(
-                account_id=1, charge_by="traffic", price_list_id=1, created_at=local(1)
-            )
-        )
+        await _billed_account(conn, 1, "std", PRICES["traffic_tiers"])
         counters = {c.name: 0 for c in usage.columns if c.name not in ("domain", "start")}
         await conn.execute(
             usage.insert().values(
@@ -782,32 +789,7 @@ def test_cdn_control_settle_needs_no_admin_token_and_fails_per_account(tmp_path:
         try:
             await _seed(engine)
             async with engine.begin() as conn:
-                await conn.execute(
-                    accounts.insert().values(
-                        id=2,
-                        name="broken",
-                        billing="postpaid",
-                        timezone="Asia/Shanghai",
-                        state="active",
-                        state_reason="",
-                        created_at=local(1),
-                    )
-                )
-                await conn.execute(
-                    price_lists.insert().values(
-                        id=2,
-                        name="broken",
-                        traffic_tiers=broken,
-                        fen_per_mbps_day="100",
-                        gb_bytes=GB,
-                        created_at=local(1),
-                    )
-                )
-                await conn.execute(
-                    account_billing.insert().values(
-                        account_id=2, charge_by="traffic", price_list_id=2, created_at=local(1)
-                    )
-                )
+                await _billed_account(conn, 2, "broken", broken)
         finally:
             await engine.dispose()
 
