@@ -268,16 +268,23 @@ async def test_postpaid_is_charged_daily_and_may_go_negative(api: Api) -> None:
     assert (await state_changes(api, "www.later.test"))[-1] == ("active", "")
 
 
+async def _three_days_of_usage(api: Api, name: str) -> int:
+    """A postpaid account `name` with 3 GB used on Nov 1, 1 GB on Nov 2 and 2 GB on Nov 3
+    (600, 200 and 400 fen); its id."""
+    api.app[CLOCK].set(local(1))
+    a, token = await billed_account(api, name, "postpaid")
+    domain = f"www.{name}.test"
+    await api.domain(token, domain)
+    for day, used in ((1, 3 * GB), (2, GB), (3, 2 * GB)):
+        await add_usage(api, a, domain, local(day, 3), used)
+    return a
+
+
 async def test_a_backlog_is_not_penalised_for_debts_it_bills_itself(api: Api) -> None:
     """The control plane was down: its first run, on Nov 10, settles Nov 1-9 at once. Nov 1's
     debt was billed on Nov 10, so it was not unpaid on Nov 2-9 (7.5): no penalty for those
     days. From Nov 10 on the debt is billed and unpaid, and each day costs 0.5 % of it."""
-    api.app[CLOCK].set(local(1))
-    a, token = await billed_account(api, "backlog", "postpaid")
-    await api.domain(token, "www.backlog.test")
-    await add_usage(api, a, "www.backlog.test", local(1, 3), 3 * GB)
-    await add_usage(api, a, "www.backlog.test", local(2, 3), GB)
-    await add_usage(api, a, "www.backlog.test", local(3, 3), 2 * GB)
+    a = await _three_days_of_usage(api, "backlog")
 
     await tick(api, local(10, 0, 1))
     assert await lines(api, a) == [
@@ -308,12 +315,7 @@ async def test_a_debt_billed_on_time_keeps_its_penalty_through_a_backlog(api: Ap
     """Nov 1 is settled on time (its 600 fen billed on Nov 2), then the control plane is down
     until Nov 5, when Nov 2-4 are settled at once: each of those days is charged 0.5 % of the
     600 fen, not of the debts of Nov 2 and 3, which the catch-up itself billed."""
-    api.app[CLOCK].set(local(1))
-    a, token = await billed_account(api, "gap", "postpaid")
-    await api.domain(token, "www.gap.test")
-    await add_usage(api, a, "www.gap.test", local(1, 3), 3 * GB)
-    await add_usage(api, a, "www.gap.test", local(2, 3), GB)
-    await add_usage(api, a, "www.gap.test", local(3, 3), 2 * GB)
+    a = await _three_days_of_usage(api, "gap")
     await tick(api, local(2, 0, 1))
     await tick(api, local(5, 0, 1))
     await tick(api, local(6, 0, 1))
