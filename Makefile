@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 .PHONY: install run test lint bench clean
 
 # The virtualenv is rebuilt whenever pyproject.toml changes.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py edge/_logline.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

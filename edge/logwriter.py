@@ -469,6 +469,11 @@ class AccessLogWriter:
         return bool(self.stats.log_failure)
 
     async def start(self) -> None:
+        if not self.files.formatter.compiled:
+            log.warning(
+                "access log: edge/_logline.c is not built (no C compiler at install): every "
+                "line is made in Python, several times the CPU (reinstall with gcc to build it)"
+            )
         await asyncio.to_thread(self.files.recover, self.clock())
         self._task = asyncio.create_task(self._run(), name="access-log")
 

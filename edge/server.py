@@ -26,7 +26,7 @@ into the 5-minute window in which they were sent; the request itself counts wher
 
 Access log (issue 6): at the same place, every exchange (and every refusal before one) is
 handed to `HttpServer.access_log` with its end times (the exchange itself: the line is read off
-it, an `edge.accesslog.Exchanged`); `edge.logwriter` makes it a line there (one orjson call) and
+it, an `edge.accesslog.Exchanged`); `edge.logwriter` makes it a line there (one C call) and
 writes the lines in the background: no I/O here.
 
 Bytes sent: the status line, header block, framing and body bytes handed to the kernel for

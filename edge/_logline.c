@@ -1,0 +1,496 @@
+/* edge._logline: the access-log line of an ordinary request, made in C (issue 6).
+ *
+ * edge/accesslog.py `LineFormatter.format_in_python` is the format's reference and handles
+ * every exchange; this module makes the same bytes for the common case, a routed request whose
+ * head is all ASCII, in one call and without bytecode: a line in Python costs ~14k
+ * instructions, more than 10 % of a small hit's. Whatever it does not handle (a refused or
+ * unrouted request, a non-ASCII head, a Content-Type the formatter has not seen yet, a value
+ * out of the ranges below) it hands to the Python method, so both paths make identical bytes
+ * (tests/unit/test_accesslog.py compares them).
+ *
+ *     LineMaker(edge, unknown_domain, content_types, fallback)
+ *     LineMaker.format(end, end_mono, exchange) -> (directory, hour, line)
+ *
+ * `content_types` is the formatter's memo (response header block -> Content-Type text or
+ * None); `fallback(end, end_mono, exchange)` is the Python method.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+/* Attribute names, interned once. */
+static PyObject *s_started, *s_head_at, *s_client_ip, *s_domain, *s_head, *s_status,
+    *s_bytes_sent, *s_body_bytes_sent, *s_outcome, *s_response_head, *s_origin_status,
+    *s_origin_ms, *s_ascii, *s_headers, *s_method, *s_target, *s_received_target, *s_version,
+    *s_range, *s_referer, *s_user_agent;
+
+/* --- writing a line: one buffer reserved for the longest the values can make ------------- */
+
+typedef struct {
+    char *p;
+    char stack[2048];
+} Buf;
+
+/* Room for `size` bytes: on the stack for a line of usual size, on the heap past it. */
+static char *buf_open(Buf *b, size_t size) {
+    b->p = size <= sizeof b->stack ? b->stack : PyMem_Malloc(size);
+    if (b->p == NULL) PyErr_NoMemory();
+    return b->p;
+}
+
+static void buf_close(Buf *b) {
+    if (b->p != b->stack) PyMem_Free(b->p);
+}
+
+#define LIT(o, s) (memcpy((o), (s), sizeof(s) - 1), (o) + sizeof(s) - 1)
+
+/* A JSON string of ASCII bytes, escaped as orjson escapes them (the Python path's fast case):
+ * quote and backslash, \b \t \n \f \r, other control characters as \u00xx; DEL as it is.
+ * Room for 6 bytes per byte and 2; NULL if a byte is not ASCII (the Python path's line). */
+static char *put_json_ascii(char *o, const unsigned char *s, Py_ssize_t n) {
+    static const char hex[] = "0123456789abcdef";
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            if (c >= 0x80) return NULL;
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\t': *o++ = 't'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\r': *o++ = 'r'; break;
+        default:
+            *o++ = 'u'; *o++ = '0'; *o++ = '0';
+            *o++ = hex[c >> 4]; *o++ = hex[c & 15];
+        }
+    }
+    *o++ = '"';
+    return o;
+}
+
+/* A str field already checked by `text_size`: null for None. */
+static char *put_text(char *o, PyObject *v) {
+    if (v == Py_None) return LIT(o, "null");
+    return put_json_ascii(o, PyUnicode_DATA(v), PyUnicode_GET_LENGTH(v));
+}
+
+/* The room `put_text` needs for `v`; -1 if it is not None or an ASCII str. */
+static Py_ssize_t text_size(PyObject *v) {
+    if (v == Py_None) return 4;
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) return -1;
+    return PyUnicode_GET_LENGTH(v) * 6 + 2;
+}
+
+/* Decimal digits of n (at most 20 bytes, a sign included). */
+static char *put_digits(char *o, long long n) {
+    char digits[24];
+    char *d = digits + sizeof digits;
+    unsigned long long u = n < 0 ? 0ULL - (unsigned long long)n : (unsigned long long)n;
+    do {
+        *--d = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (n < 0) *--d = '-';
+    size_t len = (size_t)(digits + sizeof digits - d);
+    memcpy(o, d, len);
+    return o + len;
+}
+
+/* An int field: null for None; 0 if `v` is neither None nor an int within 64 bits. */
+static int int_value(PyObject *v, long long *n, int *null) {
+    *null = v == Py_None;
+    if (*null) return 1;
+    if (!PyLong_CheckExact(v)) return 0;
+    int overflow;
+    *n = PyLong_AsLongLongAndOverflow(v, &overflow);
+    return !overflow;
+}
+
+static char *put_int(char *o, long long n, int null) {
+    return null ? LIT(o, "null") : put_digits(o, n);
+}
+
+/* Microseconds `us` as the float us / 1e3 prints (repr): for a whole number of microseconds
+ * below 1e15 that is the exact decimal with trailing zeros off ("0.412", "5.0"). */
+static char *put_ms(char *o, long long us) {
+    o = put_digits(o, us / 1000);
+    *o++ = '.';
+    int frac = (int)(us % 1000);
+    *o++ = (char)('0' + frac / 100);
+    if (frac % 100) {
+        *o++ = (char)('0' + frac / 10 % 10);
+        if (frac % 10) *o++ = (char)('0' + frac % 10);
+    }
+    return o;
+}
+
+/* A duration in the Python path's arithmetic, `x // 1.0` of microseconds: 0 if out of the
+ * range `put_ms` prints like repr (negative, or 1e15 µs and more: the Python path's line). */
+static int micros(double x, long long *us) {
+    double whole = floor(x);
+    if (!(whole >= 0.0 && whole < 1e15)) return 0;
+    *us = (long long)whole;
+    return 1;
+}
+
+/* --- LineMaker ------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *edge;           /* str, ASCII (else every line takes the Python path) */
+    PyObject *unknown_domain; /* str */
+    PyObject *content_types;  /* dict: header block -> str | None */
+    PyObject *fallback;       /* the Python method */
+    int edge_ascii;
+    double ms;                /* the millisecond `time_text` is of (floor of end * 1e3) */
+    long long hour_index;     /* second // 3600 of `hour` */
+    PyObject *hour;           /* "YYYY-MM-DDTHH" (str) of `hour_index`, or NULL */
+    char time_text[40];       /* "YYYY-MM-DDTHH:MM:SS.mmm+00:00" */
+    size_t time_len;
+} LineMaker;
+
+static int maker_traverse(LineMaker *self, visitproc visit, void *arg) {
+    Py_VISIT(self->edge);
+    Py_VISIT(self->unknown_domain);
+    Py_VISIT(self->content_types);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->hour);
+    return 0;
+}
+
+static int maker_clear(LineMaker *self) {
+    Py_CLEAR(self->edge);
+    Py_CLEAR(self->unknown_domain);
+    Py_CLEAR(self->content_types);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->hour);
+    return 0;
+}
+
+static void maker_dealloc(LineMaker *self) {
+    PyObject_GC_UnTrack(self);
+    maker_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int maker_init(LineMaker *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"edge", "unknown_domain", "content_types", "fallback", NULL};
+    PyObject *edge, *unknown, *types, *fallback;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UUO!O:LineMaker", names, &edge, &unknown,
+                                     &PyDict_Type, &types, &fallback))
+        return -1;
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "LineMaker: fallback must be callable");
+        return -1;
+    }
+    Py_INCREF(edge); Py_XSETREF(self->edge, edge);
+    Py_INCREF(unknown); Py_XSETREF(self->unknown_domain, unknown);
+    Py_INCREF(types); Py_XSETREF(self->content_types, types);
+    Py_INCREF(fallback); Py_XSETREF(self->fallback, fallback);
+    Py_CLEAR(self->hour);
+    self->edge_ascii = PyUnicode_IS_ASCII(edge);
+    self->ms = -1.0;
+    self->hour_index = -1;
+    self->time_len = 0;
+    return 0;
+}
+
+/* time_text and hour for `end` (wall clock s), as LineFormatter.stamp makes them; 1 if `end`
+ * is out of range (the Python path's), -1 on error. */
+static int maker_stamp(LineMaker *self, double end) {
+    double ms = floor(end * 1e3);
+    if (ms == self->ms) return 0;
+    if (!(ms >= 0.0 && ms < 253402300800000.0)) return 1; /* before 1970 or past 9999 */
+    long long whole = (long long)ms;
+    time_t second = (time_t)(whole / 1000);
+    struct tm tm;
+    if (gmtime_r(&second, &tm) == NULL) return 1;
+    int len = snprintf(self->time_text, sizeof self->time_text,
+                       "%04d-%02d-%02dT%02d:%02d:%02d.%03lld+00:00", tm.tm_year + 1900,
+                       tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                       whole % 1000);
+    if (len != 29) return 1;
+    long long hour_index = (long long)second / 3600;
+    if (hour_index != self->hour_index || self->hour == NULL) {
+        PyObject *hour = PyUnicode_FromStringAndSize(self->time_text, 13);
+        if (hour == NULL) return -1;
+        Py_XSETREF(self->hour, hour);
+        self->hour_index = hour_index;
+    }
+    self->time_len = (size_t)len;
+    self->ms = ms;
+    return 0;
+}
+
+/* The exchange's values this module reads, and its request head's. */
+enum {
+    X_STARTED, X_HEAD_AT, X_CLIENT_IP, X_DOMAIN, X_HEAD, X_STATUS, X_BYTES_SENT,
+    X_BODY_BYTES_SENT, X_OUTCOME, X_RESPONSE_HEAD, X_ORIGIN_STATUS, X_ORIGIN_MS, N_EXCHANGE
+};
+enum { H_ASCII, H_HEADERS, H_METHOD, H_TARGET, H_RECEIVED_TARGET, H_VERSION, N_HEAD };
+
+static PyObject **const exchange_names[N_EXCHANGE] = {
+    &s_started, &s_head_at, &s_client_ip, &s_domain, &s_head, &s_status, &s_bytes_sent,
+    &s_body_bytes_sent, &s_outcome, &s_response_head, &s_origin_status, &s_origin_ms};
+static PyObject **const head_names[N_HEAD] = {
+    &s_ascii, &s_headers, &s_method, &s_target, &s_received_target, &s_version};
+
+/* Where a class with __slots__ keeps the attributes: the exchange (edge.server.Exchange) and
+ * its head (a slots dataclass) are read at these offsets rather than through getattr, which
+ * cost more than the rest of the line. Any other class (a refused request's `Ended`) is read
+ * through getattr. */
+typedef struct {
+    PyTypeObject *type; /* a strong reference; NULL: none yet */
+    int slotted;        /* every name is a plain slot of `type` */
+    Py_ssize_t offsets[N_EXCHANGE];
+} Layout;
+
+static Layout exchange_layout, head_layout;
+
+static void layout_learn(Layout *layout, PyTypeObject *type, PyObject **const names[], int n) {
+    Py_INCREF(type);
+    Py_XSETREF(layout->type, type);
+    layout->slotted = type->tp_getattro == PyObject_GenericGetAttr;
+    for (int i = 0; i < n && layout->slotted; i++) {
+        PyObject *descr = _PyType_Lookup(type, *names[i]); /* borrowed; never raises */
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            layout->slotted = 0;
+            break;
+        }
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type != T_OBJECT_EX || (member->flags & READ_RESTRICTED)) {
+            layout->slotted = 0;
+            break;
+        }
+        layout->offsets[i] = member->offset;
+    }
+}
+
+/* `obj`'s attributes `names` into `out` (new references): 0 done, 1 one is missing (the
+ * Python path's), -1 error. */
+static int read_values(Layout *layout, PyObject *obj, PyObject **const names[], int n,
+                       PyObject **out) {
+    if (layout->type != Py_TYPE(obj)) layout_learn(layout, Py_TYPE(obj), names, n);
+    if (layout->slotted) {
+        for (int i = 0; i < n; i++) {
+            PyObject *value = *(PyObject **)((char *)obj + layout->offsets[i]);
+            if (value == NULL) return 1; /* a slot never set */
+            Py_INCREF(value);
+            out[i] = value;
+        }
+        return 0;
+    }
+    for (int i = 0; i < n; i++) {
+        out[i] = PyObject_GetAttr(obj, *names[i]);
+        if (out[i] == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+            PyErr_Clear();
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The line of an exchange whose values are `x` and its head's `h`, as a new bytes object;
+ * NULL with no error set: the line is the Python path's. */
+static PyObject *make_line(LineMaker *self, double end, double end_mono, PyObject **x,
+                           PyObject **h) {
+    if (!self->edge_ascii || h[H_ASCII] != Py_True || !PyDict_CheckExact(h[H_HEADERS]))
+        return NULL;
+    PyObject *started = x[X_STARTED], *head_at = x[X_HEAD_AT], *origin_ms = x[X_ORIGIN_MS];
+    if (!PyFloat_CheckExact(started) || !PyFloat_CheckExact(head_at)) return NULL;
+    double start = PyFloat_AS_DOUBLE(started), head_s = PyFloat_AS_DOUBLE(head_at);
+    long long request_us, ttfb_us = 0, origin_us = 0;
+    if (!micros((end_mono - start) * 1e6, &request_us)) return NULL;
+    if (head_s != 0.0 && !micros((head_s - start) * 1e6, &ttfb_us)) return NULL;
+    if (origin_ms != Py_None) {
+        if (!PyFloat_CheckExact(origin_ms)) return NULL;
+        if (!micros(PyFloat_AS_DOUBLE(origin_ms) * 1e3, &origin_us)) return NULL;
+    }
+    long long status, sent, body, origin_status;
+    int null, origin_null;
+    if (!int_value(x[X_STATUS], &status, &null) || null) return NULL;
+    if (!int_value(x[X_BYTES_SENT], &sent, &null) || null) return NULL;
+    if (!int_value(x[X_BODY_BYTES_SENT], &body, &null) || null) return NULL;
+    if (!int_value(x[X_ORIGIN_STATUS], &origin_status, &origin_null)) return NULL;
+
+    PyObject *domain = x[X_DOMAIN];
+    if (!PyUnicode_CheckExact(domain)) return NULL;
+    int unrouted = PyObject_RichCompareBool(domain, self->unknown_domain, Py_EQ);
+    if (unrouted != 0) return NULL; /* the Python path's (or an error) */
+    PyObject *target = h[H_RECEIVED_TARGET]; /* `received_target or target` */
+    if (target == Py_None || (PyBytes_CheckExact(target) && PyBytes_GET_SIZE(target) == 0))
+        target = h[H_TARGET];
+    PyObject *response_head = x[X_RESPONSE_HEAD];
+    if (!PyBytes_CheckExact(target) || !PyBytes_CheckExact(response_head)) return NULL;
+    PyObject *content_type = PyDict_GetItemWithError(self->content_types, response_head);
+    if (content_type == NULL) return NULL; /* not seen yet (or an error) */
+    if (!PyLong_CheckExact(h[H_VERSION])) return NULL;
+    int overflow;
+    long version = PyLong_AsLongAndOverflow(h[H_VERSION], &overflow);
+    PyObject *headers = h[H_HEADERS];
+    PyObject *range = PyDict_GetItemWithError(headers, s_range);
+    PyObject *referer = range || !PyErr_Occurred()
+        ? PyDict_GetItemWithError(headers, s_referer) : NULL;
+    PyObject *agent = referer || !PyErr_Occurred()
+        ? PyDict_GetItemWithError(headers, s_user_agent) : NULL;
+    if (PyErr_Occurred()) return NULL;
+    PyObject *texts[] = {self->edge, x[X_CLIENT_IP], domain, h[H_METHOD], x[X_OUTCOME],
+                         range ? range : Py_None, referer ? referer : Py_None,
+                         agent ? agent : Py_None, content_type};
+    /* Fixed text, 4 integers and 3 durations (under 24 bytes each), escaped strings. */
+    size_t size = 29 + 128 + 4 * 24 + 3 * 24 + (size_t)PyBytes_GET_SIZE(target) * 6 + 2;
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+        Py_ssize_t text = text_size(texts[i]);
+        if (text < 0) return NULL;
+        size += (size_t)text;
+    }
+    int stamped = maker_stamp(self, end);
+    if (stamped != 0) return NULL;
+
+    Buf b;
+    char *o = buf_open(&b, size);
+    if (o == NULL) return NULL;
+    o = LIT(o, "[\"");
+    memcpy(o, self->time_text, self->time_len);
+    o += self->time_len;
+    o = LIT(o, "\",");
+    o = put_text(o, self->edge);
+    *o++ = ',';
+    o = put_text(o, x[X_CLIENT_IP]);
+    *o++ = ',';
+    o = put_text(o, domain);
+    *o++ = ',';
+    o = put_text(o, h[H_METHOD]);
+    *o++ = ',';
+    o = put_json_ascii(o, (const unsigned char *)PyBytes_AS_STRING(target),
+                       PyBytes_GET_SIZE(target));
+    if (o == NULL) { /* a byte of the target is not ASCII */
+        buf_close(&b);
+        return NULL;
+    }
+    o = version == 11 && !overflow ? LIT(o, ",\"HTTP/1.1\",") : LIT(o, ",\"HTTP/1.0\",");
+    o = put_digits(o, status);
+    *o++ = ',';
+    o = put_digits(o, sent);
+    *o++ = ',';
+    o = put_digits(o, body);
+    *o++ = ',';
+    o = put_ms(o, request_us);
+    *o++ = ',';
+    o = head_s != 0.0 ? put_ms(o, ttfb_us) : LIT(o, "null");
+    *o++ = ',';
+    o = put_text(o, x[X_OUTCOME]);
+    *o++ = ',';
+    o = put_text(o, texts[5]);
+    *o++ = ',';
+    o = put_text(o, texts[6]);
+    *o++ = ',';
+    o = put_text(o, texts[7]);
+    *o++ = ',';
+    o = put_text(o, content_type);
+    *o++ = ',';
+    o = put_int(o, origin_status, origin_null);
+    *o++ = ',';
+    o = origin_ms != Py_None ? put_ms(o, origin_us) : LIT(o, "null");
+    o = LIT(o, "]\n");
+    PyObject *line = PyBytes_FromStringAndSize(b.p, (Py_ssize_t)(o - b.p));
+    buf_close(&b);
+    return line;
+}
+
+static PyObject *maker_format(LineMaker *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "format(end, end_mono, exchange)");
+        return NULL;
+    }
+    PyObject *x[N_EXCHANGE] = {NULL}, *h[N_HEAD] = {NULL};
+    PyObject *result = NULL;
+    int r = 1;
+    if (!PyFloat_CheckExact(args[0]) || !PyFloat_CheckExact(args[1])) goto done;
+    r = read_values(&exchange_layout, args[2], exchange_names, N_EXCHANGE, x);
+    if (r != 0) goto done;
+    if (PyBytes_Check(x[X_HEAD])) { /* refused: its raw bytes */
+        r = 1;
+        goto done;
+    }
+    r = read_values(&head_layout, x[X_HEAD], head_names, N_HEAD, h);
+    if (r != 0) goto done;
+    PyObject *line = make_line(self, PyFloat_AS_DOUBLE(args[0]), PyFloat_AS_DOUBLE(args[1]),
+                               x, h);
+    if (line == NULL) {
+        r = PyErr_Occurred() ? -1 : 1;
+        goto done;
+    }
+    result = PyTuple_Pack(3, x[X_DOMAIN], self->hour, line);
+    Py_DECREF(line);
+done:
+    for (int i = 0; i < N_EXCHANGE; i++) Py_XDECREF(x[i]);
+    for (int i = 0; i < N_HEAD; i++) Py_XDECREF(h[i]);
+    if (r == 1) return PyObject_Vectorcall(self->fallback, args, 3, NULL);
+    return result;
+}
+
+static PyMethodDef maker_methods[] = {
+    {"format", (PyCFunction)(void (*)(void))maker_format, METH_FASTCALL,
+     "format(end, end_mono, exchange) -> (directory, hour, line)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LineMakerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "edge._logline.LineMaker",
+    .tp_basicsize = sizeof(LineMaker),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The access-log line of an ordinary request, made in C (edge/_logline.c).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)maker_init,
+    .tp_dealloc = (destructor)maker_dealloc,
+    .tp_traverse = (traverseproc)maker_traverse,
+    .tp_clear = (inquiry)maker_clear,
+    .tp_methods = maker_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "edge._logline",
+    .m_doc = "The access-log line of an ordinary request, made in C (see edge/accesslog.py).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__logline(void) {
+    struct { PyObject **slot; const char *text; } names[] = {
+        {&s_started, "started"}, {&s_head_at, "head_at"}, {&s_client_ip, "client_ip"},
+        {&s_domain, "domain"}, {&s_head, "head"}, {&s_status, "status"},
+        {&s_bytes_sent, "bytes_sent"}, {&s_body_bytes_sent, "body_bytes_sent"},
+        {&s_outcome, "outcome"}, {&s_response_head, "response_head"},
+        {&s_origin_status, "origin_status"}, {&s_origin_ms, "origin_ms"}, {&s_ascii, "ascii"},
+        {&s_headers, "headers"}, {&s_method, "method"}, {&s_target, "target"},
+        {&s_received_target, "received_target"}, {&s_version, "version"},
+        {&s_range, "range"}, {&s_referer, "referer"}, {&s_user_agent, "user-agent"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].text)) == NULL)
+            return NULL;
+    }
+    if (PyType_Ready(&LineMakerType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&LineMakerType);
+    if (PyModule_AddObject(m, "LineMaker", (PyObject *)&LineMakerType) < 0) {
+        Py_DECREF(&LineMakerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
