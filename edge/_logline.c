@@ -143,6 +143,8 @@ static int micros(double x, long long *us) {
     return 1;
 }
 
+#define TIME_LEN 29
+
 /* --- LineMaker ------------------------------------------------------------------------- */
 
 typedef struct {
@@ -153,10 +155,9 @@ typedef struct {
     PyObject *fallback;       /* the Python method */
     int edge_ascii;
     double ms;                /* the millisecond `time_text` is of (floor of end * 1e3) */
-    long long hour_index;     /* second // 3600 of `hour` */
-    PyObject *hour;           /* "YYYY-MM-DDTHH" (str) of `hour_index`, or NULL */
-    char time_text[40];       /* "YYYY-MM-DDTHH:MM:SS.mmm+00:00" */
-    size_t time_len;
+    long long second;         /* the second of `time_text`'s date and time */
+    PyObject *hour;           /* "YYYY-MM-DDTHH" (str) of `second`, or NULL */
+    char time_text[TIME_LEN]; /* "YYYY-MM-DDTHH:MM:SS.mmm+00:00" */
 } LineMaker;
 
 static int maker_traverse(LineMaker *self, visitproc visit, void *arg) {
@@ -200,34 +201,52 @@ static int maker_init(LineMaker *self, PyObject *args, PyObject *kwargs) {
     Py_CLEAR(self->hour);
     self->edge_ascii = PyUnicode_IS_ASCII(edge);
     self->ms = -1.0;
-    self->hour_index = -1;
-    self->time_len = 0;
+    self->second = -1;
     return 0;
 }
 
-/* time_text and hour for `end` (wall clock s), as LineFormatter.stamp makes them; 1 if `end`
- * is out of range (the Python path's), -1 on error. */
+static void put2(char *o, int n) {
+    o[0] = (char)('0' + n / 10);
+    o[1] = (char)('0' + n % 10);
+}
+
+/* time_text and hour for `end` (wall clock s), as LineFormatter.stamp makes them: the date and
+ * time once a second, the milliseconds' digits otherwise. 1 if `end` is out of range (the
+ * Python path's), -1 on error. */
 static int maker_stamp(LineMaker *self, double end) {
     double ms = floor(end * 1e3);
     if (ms == self->ms) return 0;
     if (!(ms >= 0.0 && ms < 253402300800000.0)) return 1; /* before 1970 or past 9999 */
     long long whole = (long long)ms;
-    time_t second = (time_t)(whole / 1000);
-    struct tm tm;
-    if (gmtime_r(&second, &tm) == NULL) return 1;
-    int len = snprintf(self->time_text, sizeof self->time_text,
-                       "%04d-%02d-%02dT%02d:%02d:%02d.%03lld+00:00", tm.tm_year + 1900,
-                       tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                       whole % 1000);
-    if (len != 29) return 1;
-    long long hour_index = (long long)second / 3600;
-    if (hour_index != self->hour_index || self->hour == NULL) {
-        PyObject *hour = PyUnicode_FromStringAndSize(self->time_text, 13);
-        if (hour == NULL) return -1;
-        Py_XSETREF(self->hour, hour);
-        self->hour_index = hour_index;
+    long long second = whole / 1000;
+    char *t = self->time_text; /* "YYYY-MM-DDTHH:MM:SS.mmm+00:00" */
+    if (second != self->second) {
+        time_t at = (time_t)second;
+        struct tm tm;
+        if (gmtime_r(&at, &tm) == NULL) return 1;
+        put2(t, (tm.tm_year + 1900) / 100);
+        put2(t + 2, (tm.tm_year + 1900) % 100);
+        t[4] = '-';
+        put2(t + 5, tm.tm_mon + 1);
+        t[7] = '-';
+        put2(t + 8, tm.tm_mday);
+        t[10] = 'T';
+        put2(t + 11, tm.tm_hour);
+        t[13] = ':';
+        put2(t + 14, tm.tm_min);
+        t[16] = ':';
+        put2(t + 17, tm.tm_sec);
+        memcpy(t + 19, ".000+00:00", 10);
+        if (self->hour == NULL || second / 3600 != self->second / 3600) {
+            PyObject *hour = PyUnicode_FromStringAndSize(t, 13);
+            if (hour == NULL) return -1;
+            Py_XSETREF(self->hour, hour);
+        }
+        self->second = second;
     }
-    self->time_len = (size_t)len;
+    int milli = (int)(whole % 1000);
+    t[20] = (char)('0' + milli / 100);
+    put2(t + 21, milli % 100);
     self->ms = ms;
     return 0;
 }
@@ -362,8 +381,8 @@ static PyObject *make_line(LineMaker *self, double end, double end_mono, PyObjec
     char *o = buf_open(&b, size);
     if (o == NULL) return NULL;
     o = LIT(o, "[\"");
-    memcpy(o, self->time_text, self->time_len);
-    o += self->time_len;
+    memcpy(o, self->time_text, TIME_LEN);
+    o += TIME_LEN;
     o = LIT(o, "\",");
     o = put_text(o, self->edge);
     *o++ = ',';
