@@ -17,9 +17,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <float.h>
 #include <math.h>
 #include <string.h>
 #include <time.h>
+
+/* The durations must be the Python path's to the digit: double arithmetic, no wider. */
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "edge._logline needs plain double arithmetic (SSE2); the edge makes its lines in Python"
+#endif
 
 /* Attribute names, interned once. */
 static PyObject *s_started, *s_head_at, *s_client_ip, *s_domain, *s_head, *s_status,
@@ -78,6 +84,9 @@ static char *put_json_ascii(char *o, const unsigned char *s, Py_ssize_t n) {
     return o;
 }
 
+/* Longer strings are the Python path's: a line's size bound never overflows. */
+#define TEXT_MAX (PY_SSIZE_T_MAX / 64)
+
 /* A str field already checked by `text_size`: null for None. */
 static char *put_text(char *o, PyObject *v) {
     if (v == Py_None) return LIT(o, "null");
@@ -88,6 +97,7 @@ static char *put_text(char *o, PyObject *v) {
 static Py_ssize_t text_size(PyObject *v) {
     if (v == Py_None) return 4;
     if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) return -1;
+    if (PyUnicode_GET_LENGTH(v) > TEXT_MAX) return -1;
     return PyUnicode_GET_LENGTH(v) * 6 + 2;
 }
 
@@ -135,10 +145,10 @@ static char *put_ms(char *o, long long us) {
 }
 
 /* A duration in the Python path's arithmetic, `x // 1.0` of microseconds: 0 if out of the
- * range `put_ms` prints like repr (negative, or 1e15 µs and more: the Python path's line). */
+ * range `put_ms` prints like repr (negative, -0.0, or 1e15 µs and more: the Python path's). */
 static int micros(double x, long long *us) {
     double whole = floor(x);
-    if (!(whole >= 0.0 && whole < 1e15)) return 0;
+    if (!(whole >= 0.0 && whole < 1e15) || signbit(whole)) return 0; /* -0.0 prints "-0.0" */
     *us = (long long)whole;
     return 1;
 }
@@ -152,7 +162,8 @@ typedef struct {
     PyObject *edge;           /* str, ASCII (else every line takes the Python path) */
     PyObject *unknown_domain; /* str */
     PyObject *content_types;  /* dict: header block -> str | None */
-    PyObject *fallback;       /* the Python method */
+    PyObject *fallback;       /* the Python method; NULL: not initialised */
+    PyTypeObject *head_type;  /* edge.http1.RequestHead: other heads are the Python path's */
     int edge_ascii;
     double ms;                /* the millisecond `time_text` is of (floor of end * 1e3) */
     long long second;         /* the second of `time_text`'s date and time */
@@ -165,6 +176,7 @@ static int maker_traverse(LineMaker *self, visitproc visit, void *arg) {
     Py_VISIT(self->unknown_domain);
     Py_VISIT(self->content_types);
     Py_VISIT(self->fallback);
+    Py_VISIT(self->head_type);
     Py_VISIT(self->hour);
     return 0;
 }
@@ -174,6 +186,7 @@ static int maker_clear(LineMaker *self) {
     Py_CLEAR(self->unknown_domain);
     Py_CLEAR(self->content_types);
     Py_CLEAR(self->fallback);
+    Py_CLEAR(self->head_type);
     Py_CLEAR(self->hour);
     return 0;
 }
@@ -185,20 +198,26 @@ static void maker_dealloc(LineMaker *self) {
 }
 
 static int maker_init(LineMaker *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"edge", "unknown_domain", "content_types", "fallback", NULL};
-    PyObject *edge, *unknown, *types, *fallback;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UUO!O:LineMaker", names, &edge, &unknown,
-                                     &PyDict_Type, &types, &fallback))
+    static char *names[] = {"edge", "unknown_domain", "content_types", "fallback", "head_type",
+                            NULL};
+    PyObject *edge, *unknown, *types, *fallback, *head_type;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UUO!OO!:LineMaker", names, &edge, &unknown,
+                                     &PyDict_Type, &types, &fallback, &PyType_Type, &head_type))
         return -1;
     if (!PyCallable_Check(fallback)) {
         PyErr_SetString(PyExc_TypeError, "LineMaker: fallback must be callable");
         return -1;
     }
-    Py_INCREF(edge); Py_XSETREF(self->edge, edge);
-    Py_INCREF(unknown); Py_XSETREF(self->unknown_domain, unknown);
-    Py_INCREF(types); Py_XSETREF(self->content_types, types);
-    Py_INCREF(fallback); Py_XSETREF(self->fallback, fallback);
-    Py_CLEAR(self->hour);
+    /* Once only: a line being made (a finalizer may run meanwhile) uses these borrowed. */
+    if (self->fallback != NULL) {
+        PyErr_SetString(PyExc_TypeError, "LineMaker: already initialised");
+        return -1;
+    }
+    self->edge = Py_NewRef(edge);
+    self->unknown_domain = Py_NewRef(unknown);
+    self->content_types = Py_NewRef(types);
+    self->fallback = Py_NewRef(fallback);
+    self->head_type = (PyTypeObject *)Py_NewRef(head_type);
     self->edge_ascii = PyUnicode_IS_ASCII(edge);
     self->ms = -1.0;
     self->second = -1;
@@ -223,7 +242,10 @@ static int maker_stamp(LineMaker *self, double end) {
     if (second != self->second) {
         time_t at = (time_t)second;
         struct tm tm;
-        if (gmtime_r(&at, &tm) == NULL) return 1;
+        if ((long long)at != second || gmtime_r(&at, &tm) == NULL) return 1;
+        long long was = self->second;
+        self->second = -1; /* until the text is whole again */
+        self->ms = -1.0;
         put2(t, (tm.tm_year + 1900) / 100);
         put2(t + 2, (tm.tm_year + 1900) % 100);
         t[4] = '-';
@@ -237,7 +259,7 @@ static int maker_stamp(LineMaker *self, double end) {
         t[16] = ':';
         put2(t + 17, tm.tm_sec);
         memcpy(t + 19, ".000+00:00", 10);
-        if (self->hour == NULL || second / 3600 != self->second / 3600) {
+        if (self->hour == NULL || was < 0 || second / 3600 != was / 3600) {
             PyObject *hour = PyUnicode_FromStringAndSize(t, 13);
             if (hour == NULL) return -1;
             Py_XSETREF(self->hour, hour);
@@ -269,8 +291,9 @@ static PyObject **const head_names[N_HEAD] = {
  * cost more than the rest of the line. Any other class (a refused request's `Ended`) is read
  * through getattr. */
 typedef struct {
-    PyTypeObject *type; /* a strong reference; NULL: none yet */
-    int slotted;        /* every name is a plain slot of `type` */
+    PyTypeObject *type;   /* a strong reference; NULL: none yet */
+    unsigned int version; /* type->tp_version_tag when learned: a class changed is relearned */
+    int slotted;          /* every name is a plain slot of `type` */
     Py_ssize_t offsets[N_EXCHANGE];
 } Layout;
 
@@ -282,7 +305,9 @@ static void layout_learn(Layout *layout, PyTypeObject *type, PyObject **const na
     layout->slotted = type->tp_getattro == PyObject_GenericGetAttr;
     for (int i = 0; i < n && layout->slotted; i++) {
         PyObject *descr = _PyType_Lookup(type, *names[i]); /* borrowed; never raises */
-        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        /* A member of `type` itself or a base: getattr refuses another class's slots. */
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            || !PyType_IsSubtype(type, PyDescr_TYPE(descr))) {
             layout->slotted = 0;
             break;
         }
@@ -293,13 +318,19 @@ static void layout_learn(Layout *layout, PyTypeObject *type, PyObject **const na
         }
         layout->offsets[i] = member->offset;
     }
+    /* The tag the lookups left: any change to the class (or a base) invalidates it. */
+    layout->version = type->tp_version_tag;
+    if (!(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) layout->slotted = 0;
 }
 
 /* `obj`'s attributes `names` into `out` (new references): 0 done, 1 one is missing (the
  * Python path's), -1 error. */
 static int read_values(Layout *layout, PyObject *obj, PyObject **const names[], int n,
                        PyObject **out) {
-    if (layout->type != Py_TYPE(obj)) layout_learn(layout, Py_TYPE(obj), names, n);
+    PyTypeObject *type = Py_TYPE(obj);
+    if (layout->type != type || !(type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)
+        || type->tp_version_tag != layout->version)
+        layout_learn(layout, type, names, n);
     if (layout->slotted) {
         for (int i = 0; i < n; i++) {
             PyObject *value = *(PyObject **)((char *)obj + layout->offsets[i]);
@@ -320,12 +351,32 @@ static int read_values(Layout *layout, PyObject *obj, PyObject **const names[], 
     return 0;
 }
 
-/* The line of an exchange whose values are `x` and its head's `h`, as a new bytes object;
- * NULL with no error set: the line is the Python path's. */
+/* What the line needs from dicts: the response's Content-Type (from the formatter's memo) and
+ * three request fields, as new references (a lookup may run Python code, a key's __eq__,
+ * which could free what an earlier one found): 0 done, 1 the Python path's, -1 error. */
+enum { D_CONTENT_TYPE, D_RANGE, D_REFERER, D_AGENT, N_LOOKED };
+
+static int look_up(LineMaker *self, PyObject **x, PyObject **h, PyObject **d) {
+    PyObject *response_head = x[X_RESPONSE_HEAD], *headers = h[H_HEADERS];
+    if (!PyBytes_CheckExact(response_head) || !PyDict_CheckExact(headers)) return 1;
+    PyObject *found = PyDict_GetItemWithError(self->content_types, response_head);
+    if (found == NULL) return PyErr_Occurred() ? -1 : 1; /* not seen yet: Python finds it */
+    d[D_CONTENT_TYPE] = Py_NewRef(found);
+    PyObject *const fields[] = {s_range, s_referer, s_user_agent};
+    for (int i = 0; i < 3; i++) {
+        found = PyDict_GetItemWithError(headers, fields[i]);
+        if (found == NULL && PyErr_Occurred()) return -1;
+        d[D_RANGE + i] = Py_NewRef(found != NULL ? found : Py_None);
+    }
+    return 0;
+}
+
+/* The line of an exchange whose values are `x`, its head's `h` and the looked-up `d`, as a
+ * new bytes object, and its hour into `*hour` (a new reference); NULL with no error set: the
+ * line is the Python path's. */
 static PyObject *make_line(LineMaker *self, double end, double end_mono, PyObject **x,
-                           PyObject **h) {
-    if (!self->edge_ascii || h[H_ASCII] != Py_True || !PyDict_CheckExact(h[H_HEADERS]))
-        return NULL;
+                           PyObject **h, PyObject **d, PyObject **hour) {
+    if (!self->edge_ascii || h[H_ASCII] != Py_True) return NULL;
     PyObject *started = x[X_STARTED], *head_at = x[X_HEAD_AT], *origin_ms = x[X_ORIGIN_MS];
     if (!PyFloat_CheckExact(started) || !PyFloat_CheckExact(head_at)) return NULL;
     double start = PyFloat_AS_DOUBLE(started), head_s = PyFloat_AS_DOUBLE(head_at);
@@ -350,32 +401,22 @@ static PyObject *make_line(LineMaker *self, double end, double end_mono, PyObjec
     PyObject *target = h[H_RECEIVED_TARGET]; /* `received_target or target` */
     if (target == Py_None || (PyBytes_CheckExact(target) && PyBytes_GET_SIZE(target) == 0))
         target = h[H_TARGET];
-    PyObject *response_head = x[X_RESPONSE_HEAD];
-    if (!PyBytes_CheckExact(target) || !PyBytes_CheckExact(response_head)) return NULL;
-    PyObject *content_type = PyDict_GetItemWithError(self->content_types, response_head);
-    if (content_type == NULL) return NULL; /* not seen yet (or an error) */
+    if (!PyBytes_CheckExact(target) || PyBytes_GET_SIZE(target) > TEXT_MAX) return NULL;
     if (!PyLong_CheckExact(h[H_VERSION])) return NULL;
     int overflow;
     long version = PyLong_AsLongAndOverflow(h[H_VERSION], &overflow);
-    PyObject *headers = h[H_HEADERS];
-    PyObject *range = PyDict_GetItemWithError(headers, s_range);
-    PyObject *referer = range || !PyErr_Occurred()
-        ? PyDict_GetItemWithError(headers, s_referer) : NULL;
-    PyObject *agent = referer || !PyErr_Occurred()
-        ? PyDict_GetItemWithError(headers, s_user_agent) : NULL;
-    if (PyErr_Occurred()) return NULL;
     PyObject *texts[] = {self->edge, x[X_CLIENT_IP], domain, h[H_METHOD], x[X_OUTCOME],
-                         range ? range : Py_None, referer ? referer : Py_None,
-                         agent ? agent : Py_None, content_type};
+                         d[D_RANGE], d[D_REFERER], d[D_AGENT], d[D_CONTENT_TYPE]};
     /* Fixed text, 4 integers and 3 durations (under 24 bytes each), escaped strings. */
-    size_t size = 29 + 128 + 4 * 24 + 3 * 24 + (size_t)PyBytes_GET_SIZE(target) * 6 + 2;
+    size_t size = TIME_LEN + 128 + 4 * 24 + 3 * 24 + (size_t)PyBytes_GET_SIZE(target) * 6 + 2;
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
         Py_ssize_t text = text_size(texts[i]);
         if (text < 0) return NULL;
         size += (size_t)text;
     }
-    int stamped = maker_stamp(self, end);
-    if (stamped != 0) return NULL;
+    if (maker_stamp(self, end) != 0) return NULL;
+    /* Held: making the result may run a finalizer that makes a line of another hour. */
+    *hour = Py_NewRef(self->hour);
 
     Buf b;
     char *o = buf_open(&b, size);
@@ -411,13 +452,13 @@ static PyObject *make_line(LineMaker *self, double end, double end_mono, PyObjec
     *o++ = ',';
     o = put_text(o, x[X_OUTCOME]);
     *o++ = ',';
-    o = put_text(o, texts[5]);
+    o = put_text(o, d[D_RANGE]);
     *o++ = ',';
-    o = put_text(o, texts[6]);
+    o = put_text(o, d[D_REFERER]);
     *o++ = ',';
-    o = put_text(o, texts[7]);
+    o = put_text(o, d[D_AGENT]);
     *o++ = ',';
-    o = put_text(o, content_type);
+    o = put_text(o, d[D_CONTENT_TYPE]);
     *o++ = ',';
     o = put_int(o, origin_status, origin_null);
     *o++ = ',';
@@ -429,33 +470,41 @@ static PyObject *make_line(LineMaker *self, double end, double end_mono, PyObjec
 }
 
 static PyObject *maker_format(LineMaker *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (self->fallback == NULL) {
+        PyErr_SetString(PyExc_TypeError, "LineMaker not initialised");
+        return NULL;
+    }
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "format(end, end_mono, exchange)");
         return NULL;
     }
-    PyObject *x[N_EXCHANGE] = {NULL}, *h[N_HEAD] = {NULL};
-    PyObject *result = NULL;
+    PyObject *x[N_EXCHANGE] = {NULL}, *h[N_HEAD] = {NULL}, *d[N_LOOKED] = {NULL};
+    PyObject *hour = NULL, *result = NULL;
     int r = 1;
     if (!PyFloat_CheckExact(args[0]) || !PyFloat_CheckExact(args[1])) goto done;
     r = read_values(&exchange_layout, args[2], exchange_names, N_EXCHANGE, x);
     if (r != 0) goto done;
-    if (PyBytes_Check(x[X_HEAD])) { /* refused: its raw bytes */
+    if (!Py_IS_TYPE(x[X_HEAD], self->head_type)) { /* refused (raw bytes), or unusual */
         r = 1;
         goto done;
     }
     r = read_values(&head_layout, x[X_HEAD], head_names, N_HEAD, h);
     if (r != 0) goto done;
+    r = look_up(self, x, h, d);
+    if (r != 0) goto done;
     PyObject *line = make_line(self, PyFloat_AS_DOUBLE(args[0]), PyFloat_AS_DOUBLE(args[1]),
-                               x, h);
+                               x, h, d, &hour);
     if (line == NULL) {
         r = PyErr_Occurred() ? -1 : 1;
         goto done;
     }
-    result = PyTuple_Pack(3, x[X_DOMAIN], self->hour, line);
+    result = PyTuple_Pack(3, x[X_DOMAIN], hour, line);
     Py_DECREF(line);
 done:
     for (int i = 0; i < N_EXCHANGE; i++) Py_XDECREF(x[i]);
     for (int i = 0; i < N_HEAD; i++) Py_XDECREF(h[i]);
+    for (int i = 0; i < N_LOOKED; i++) Py_XDECREF(d[i]);
+    Py_XDECREF(hour);
     if (r == 1) return PyObject_Vectorcall(self->fallback, args, 3, NULL);
     return result;
 }
@@ -505,9 +554,7 @@ PyMODINIT_FUNC PyInit__logline(void) {
     if (PyType_Ready(&LineMakerType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    Py_INCREF(&LineMakerType);
-    if (PyModule_AddObject(m, "LineMaker", (PyObject *)&LineMakerType) < 0) {
-        Py_DECREF(&LineMakerType);
+    if (PyModule_AddObjectRef(m, "LineMaker", (PyObject *)&LineMakerType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -263,7 +263,7 @@ class LineFormatter:
         self.compiled = compiled and _logline is not None
         if self.compiled:
             maker = _logline.LineMaker(
-                edge, unknown_domain, self._content_types, self.format_in_python
+                edge, unknown_domain, self._content_types, self.format_in_python, RequestHead
             )
             self.format = maker.format
         else:
@@ -347,10 +347,13 @@ class LineFormatter:
             ex.body_bytes_sent, request_ms, ttfb, ex.outcome, range_, referer, agent,
             content_type, ex.origin_status, origin_ms,
         )  # fmt: skip
-        if ascii_head:  # strings that need no escaping beyond JSON's: one orjson call
+        # Strings that need no escaping beyond JSON's: one orjson call (which would write
+        # other text as UTF-8 rather than escape it).
+        ascii_type = content_type is None or content_type.isascii()  # type: ignore[union-attr]
+        if ascii_head and ascii_type:
             try:
                 return directory, hour, orjson.dumps(values, option=_DUMPS_OPTIONS)
-            except orjson.JSONEncodeError:  # a content type with escaped bytes: exact below
+            except orjson.JSONEncodeError:  # an integer past 64 bits: exact below
                 pass
         return directory, hour, _exact_line(values)
 

@@ -303,3 +303,15 @@ def test_reader_prints_gzip_files_and_flags_bad_lines(tmp_path: Path) -> None:
         check=True,
     )
     assert as_json.stdout == good
+
+
+def test_a_non_ascii_content_type_is_escaped_like_every_other_field() -> None:
+    """The format writes non-ASCII text as \\u escapes (module docstring); a UTF-8 Content-Type
+    went out as raw UTF-8 through the fast path."""
+    head = parse_head(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    for compiled in (True, False):
+        fmt = LineFormatter("e1", "-", compiled=compiled)
+        for _ in range(2):  # the second time from the memo
+            line = fmt.format(*entry(head, response_head=b"Content-Type: caf\xc3\xa9\r\n"))[2]
+            assert line.isascii() and b"caf\\u00e9" in line
+            assert parse_line(line).content_type == b"caf\xc3\xa9"

@@ -3,6 +3,7 @@ Python path only for what C does not make, and nothing kept or leaked."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from types import SimpleNamespace
@@ -89,6 +90,14 @@ def test_ordinary_lines_are_made_in_c_and_the_rest_in_python() -> None:
     for n, ex in enumerate(others, start=2):
         assert fmt.format(T, 100.5, ex) == python.format(T, 100.5, ex)
         assert fmt.in_python == n
+
+
+@needs_c
+def test_the_hour_follows_the_clock_wherever_it_jumps() -> None:
+    c, python = LineFormatter("e1", UNKNOWN), LineFormatter("e1", UNKNOWN, compiled=False)
+    ex = exchange(ORDINARY)
+    for end in (T, 0.0, 0.5, 3599.9995, 3600.0, T, T + 3600.0, 1.0):
+        assert c.format(end, 100.5, ex) == python.format(end, 100.5, ex)
 
 
 @needs_c
@@ -207,3 +216,136 @@ def test_c_makes_the_python_paths_bytes(entries: list[tuple[float, float, Exchan
     for entry in entries:
         assert _line_or_error(c, entry) == _line_or_error(python, entry)
         assert _line_or_error(c, entry) == _line_or_error(python, entry)  # now remembered
+
+
+# --- callers that break the usual shapes (found in review; each crashed or differed) ---------
+
+
+def both_ways(end: float, end_mono: float, ex: object) -> tuple[object, object]:
+    """(C's result, Python's) for `ex` after an ordinary line (the Content-Type remembered,
+    the layouts learned): a line or the exception's type."""
+    results = []
+    for fmt in (LineFormatter("e1", UNKNOWN), LineFormatter("e1", UNKNOWN, compiled=False)):
+        fmt.format(T, 100.5, exchange(ORDINARY))
+        results.append(_line_or_error(fmt, (end, end_mono, ex)))  # type: ignore[arg-type]
+    return results[0], results[1]
+
+
+@needs_c
+def test_negative_zero_durations_print_as_python_prints_them() -> None:
+    c, python = both_ways(T, 100.5, exchange(ORDINARY, origin_ms=-0.0))
+    assert c == python and b",-0.0]" in python[2]  # type: ignore[index]
+    c, python = both_ways(T, -0.0, exchange(ORDINARY, started=0.0, head_at=0.0))
+    assert c == python
+
+
+@needs_c
+def test_a_head_that_is_not_a_request_head_is_pythons_to_refuse() -> None:
+    names = ("ascii", "headers", "method", "target", "received_target", "version")
+    duck = SimpleNamespace(**{name: getattr(ORDINARY, name) for name in names})
+    ex = exchange(ORDINARY)
+    ex.head = duck  # type: ignore[assignment]
+    c, python = both_ways(T, 100.5, ex)
+    assert c is TypeError and python is TypeError
+
+
+class Slotted:
+    __slots__ = (
+        *(f"pad{i}" for i in range(64)),
+        "started", "head_at", "client_ip", "domain", "head", "status", "bytes_sent",
+        "body_bytes_sent", "outcome", "response_head", "origin_status", "origin_ms",
+    )  # fmt: skip
+
+
+@needs_c
+def test_slot_descriptors_of_another_class_are_not_read_as_slots() -> None:
+    """A class given another class's slot descriptors: getattr refuses them (TypeError); C
+    must not read memory at their offsets (it did, past the object's end)."""
+    borrowed = type("Borrowed", (), {name: Slotted.__dict__[name] for name in Slotted.__slots__})
+    c, python = both_ways(T, 100.5, borrowed())
+    assert c is TypeError and python is TypeError
+
+
+@needs_c
+def test_a_class_changed_after_its_first_line_is_read_as_changed() -> None:
+    class Patched(Exchange):
+        __slots__ = ()
+
+    ex = Patched(SimpleNamespace(peer="192.0.2.7"), ORDINARY)  # type: ignore[arg-type]
+    ex.domain, ex.outcome, ex.response_head, ex.started = "www.example.com", "hit", b"", 100.0
+    fmt = LineFormatter("e1", UNKNOWN)
+    fmt.format(T, 100.5, ex)
+    assert parse_line(fmt.format(T, 100.5, ex)[2]).cache == "hit"
+    Patched.outcome = property(lambda self: "patched")  # type: ignore[assignment,misc]
+    assert parse_line(fmt.format(T, 100.5, ex)[2]).cache == "patched"
+
+
+@needs_c
+def test_values_stay_alive_while_a_header_lookup_runs_python_code() -> None:
+    """A header name whose __eq__ runs Python code (here: clearing the Content-Type memo) must
+    not leave C holding freed values."""
+    fmt = LineFormatter("e1", UNKNOWN)
+    armed = False
+
+    class Name(str):
+        def __hash__(self) -> int:
+            return hash("range")
+
+        def __eq__(self, other: object) -> bool:
+            if armed:
+                fmt._content_types.clear()
+                [f"EVIL{i:05d}" for i in range(50)]  # reuse freed memory, if any
+            return False
+
+    head = RequestHead(
+        method="GET", target=b"/", version=11, fields=[], headers={Name("x"): "v"}, host="h",
+        keep_alive=True, content_length=0, chunked=False, expect_continue=False, ascii=True,
+    )  # fmt: skip
+    ex = exchange(head, response_head=b"Content-Type: text/html\r\n")
+    fmt.format(T, 100.5, ex)
+    armed = True
+    assert parse_line(fmt.format(T, 100.5, ex)[2]).content_type == b"text/html"
+
+
+@needs_c
+def test_a_line_made_while_another_is_being_made_keeps_both_hours() -> None:
+    """A finalizer run by the collector in the middle of a line (allocating its result) that
+    makes a line of another hour must not free the first line's hour."""
+    fmt = LineFormatter("e1", UNKNOWN)
+    ex = exchange(ORDINARY)
+    fmt.format(T, 100.5, ex)
+    armed = [False]
+
+    class Finalized:
+        def __init__(self) -> None:
+            self.cycle = self
+
+        def __del__(self) -> None:
+            if armed[0]:
+                armed[0] = False
+                fmt.format(T + 7200, 100.5, ex)
+                [f"XXXX-{i:08d}" for i in range(50)]
+
+    fmt.format(T + 3600, 100.5, ex)  # the maker holds "...T14" alone
+    gc.disable()
+    try:
+        drain = [(i, i, i) for i in range(5000)]  # no free 3-tuples: the result allocates
+        Finalized()
+        armed[0] = True
+        gc.set_threshold(1)
+        gc.enable()
+        _, hour, line = fmt.format(T + 3600, 100.5, ex)
+    finally:
+        gc.set_threshold(700)
+        gc.enable()
+    del drain
+    assert hour == "2026-11-26T14" and parse_line(line).time.hour == 14
+
+
+@needs_c
+def test_a_line_maker_never_initialised_refuses_to_format() -> None:
+    from edge import _logline
+
+    maker = _logline.LineMaker.__new__(_logline.LineMaker)
+    with pytest.raises(TypeError, match="not initialised"):
+        maker.format(1.0, 1.0, None)  # type: ignore[arg-type]
