@@ -246,15 +246,21 @@ async def until(check: Callable[[], bool], failure: str, timeout: float = 10.0) 
 # --- the follower in-process -----------------------------------------------------------------
 
 
+# A read timeout for tests that count connections: no stall of the test's loop drops the feed.
+STEADY = 5.0
+
+
 class Followed:
     """A follower whose "workers" apply what `applied` says."""
 
-    def __init__(self, url: str, state_dir: Path, *, token: str = TOKEN) -> None:
+    def __init__(
+        self, url: str, state_dir: Path, *, token: str = TOKEN, read_timeout: float = 0.5
+    ) -> None:
         self.states: list[State] = []
         self.changes: list[Change] = []
         self.applied = 0
         self.follower = ControlFollower(
-            ControlSettings(url, token, read_timeout=0.5),
+            ControlSettings(url, token, read_timeout=read_timeout),
             state_dir,
             on_state=self.states.append,
             on_change=self.changes.append,
@@ -286,7 +292,9 @@ async def test_snapshot_then_changes_saved_and_acked_once_applied(
 ) -> None:
     fake = await control()
     fake.upsert(HOST, "http://o.test")
-    f = followed(fake.url)
+    # One connection must carry it all (`since` below): with the usual 0.5 s read timeout, a
+    # stall of this loop past 0.3 s (a busy CI machine) dropped the feed and failed the test.
+    f = followed(fake.url, read_timeout=STEADY)
     assert await f.follower.wait_ready(5)
     assert f.states == [fake.snapshot()] and f.follower.version == 1
     await until(lambda: f.follower.persisted == 1, "the snapshot was never saved")
@@ -420,7 +428,7 @@ async def test_a_refused_at_asks_for_a_snapshot(
     state = {"version": 1, "at": "yesterday", "domains": [], "blocks": []}
     (tmp_path / "control").mkdir()
     (tmp_path / "control" / "state.json").write_text(json.dumps(state))
-    f = followed(fake.url)
+    f = followed(fake.url, read_timeout=STEADY)  # connections counted below
     await until(lambda: f.follower.state == fake.snapshot(), "never asked for a snapshot")
     assert fake.since == [0]
     assert "HTTP 400" in caplog.text
@@ -433,7 +441,7 @@ async def test_a_bad_event_asks_for_a_snapshot_once(
 ) -> None:
     fake = await control()
     fake.upsert(HOST, "http://o.test")
-    f = followed(fake.url)
+    f = followed(fake.url, read_timeout=STEADY)  # connections counted below
     await until(lambda: f.follower.version == 1, "no snapshot")
     fake.malformed = {2}
     fake.upsert(OTHER, "http://o.test")  # 2, sent without its payload
