@@ -4,7 +4,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint bench clean
 
-# The virtualenv is rebuilt whenever pyproject.toml changes.
+# The virtualenv is rebuilt whenever pyproject.toml or the C module (setup.py) changes.
 $(STAMP): pyproject.toml setup.py edge/_logline.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
