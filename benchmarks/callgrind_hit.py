@@ -23,6 +23,7 @@ import argparse
 import http.client
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,8 +52,6 @@ class Origin(BaseHTTPRequestHandler):
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
@@ -139,7 +138,7 @@ def main() -> None:
         sys.exit("callgrind_hit: needs valgrind on PATH and --modes from on,off")
     origin = ThreadingHTTPServer((HOST, 0), Origin)
     threading.Thread(target=origin.serve_forever, daemon=True).start()
-    results = {}
+    results: dict[str, float] = {}
     try:
         for mode in modes:
             results[mode] = measure(mode, origin.server_address[1], args.requests)
